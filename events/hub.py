@@ -1,0 +1,253 @@
+"""One per web process: reads new events from the store in id order and hands each to its streams.
+
+The consumer announces on the channel layer (group ANNOUNCE_GROUP) that events are durable; the hub then
+reads the global stream after the last id it fanned out. The announcement carries no event, so a dropped
+or missing announcement (channels_redis drops on full channels; a consumer can die between storing and
+announcing) costs latency, never an event: the hub also polls every POLL_SECONDS. Reading one totally
+ordered stream means every stream sees its events in id order, whichever consumer stored them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import redis.asyncio as aioredis
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from events import routing, sse
+from events.audit import AuditWriter
+from events.store import EventStore, StoredEvent
+
+if TYPE_CHECKING:
+    from events.streams import Stream
+
+logger = logging.getLogger(__name__)
+
+# Without announcements (channel layer down, consumer crashed mid-batch) events still arrive within this.
+POLL_SECONDS = 1.0
+# The ticker drives heartbeats, token expiry and the cross-process stream count.
+TICK_SECONDS = 1.0
+# Open-stream slots of a process that died expire after this; refreshed every tick-set.
+SLOT_TTL_SECONDS = 60
+
+INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
+
+_CLAIM_LUA = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[4])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.redis = aioredis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
+        self.store = EventStore(self.redis, retention_seconds=settings.EVENTS_RETENTION_SECONDS)
+        self.audit = AuditWriter()
+        self.frontier = "0-0"
+        self.streams: set[Stream] = set()
+        self._by_user: defaultdict[str, set[Stream]] = defaultdict(set)
+        self._by_process: defaultdict[str, set[Stream]] = defaultdict(set)
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._claim = self.redis.register_script(_CLAIM_LUA)
+        self.healthy = False
+
+    async def start(self) -> None:
+        self.frontier = await self.store.last_id()
+        self.healthy = True
+        loop = asyncio.get_running_loop()
+        self.audit.start()
+        self._tasks = [
+            loop.create_task(self._read(), name="hub-read"),
+            loop.create_task(self._listen(), name="hub-listen"),
+            loop.create_task(self._tick(), name="hub-tick"),
+        ]
+
+    async def stop(self) -> None:
+        """Close every stream with a final retry, flush audits, release connections. Idempotent."""
+        for stream in list(self.streams):
+            stream.close("shutdown")
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.audit.stop()
+        await self.redis.aclose()
+
+    # --- streams ---------------------------------------------------------------------------------------
+    async def claim_slot(self, user: str, stream_id: str) -> bool:
+        """Count the stream against EVENTS_MAX_STREAMS_PER_USER across every web process."""
+        return bool(
+            await self._claim(
+                keys=[routing.STREAMS_OF_USER_PREFIX + user],
+                args=[time.time(), settings.EVENTS_MAX_STREAMS_PER_USER, SLOT_TTL_SECONDS, stream_id],
+            )
+        )
+
+    def register(self, stream: Stream) -> str:
+        """Start handing events to `stream`; returns the id after which they start."""
+        self.streams.add(stream)
+        self._by_user[stream.user].add(stream)
+        for process_instance in stream.followed:
+            self._by_process[process_instance].add(stream)
+        return self.frontier
+
+    def unfollow(self, stream: Stream, process_instance: str) -> None:
+        members = self._by_process.get(process_instance)
+        if members is not None:
+            members.discard(stream)
+            if not members:
+                del self._by_process[process_instance]
+
+    def unregister(self, stream: Stream) -> None:
+        self.streams.discard(stream)
+        members = self._by_user.get(stream.user)
+        if members is not None:
+            members.discard(stream)
+            if not members:
+                del self._by_user[stream.user]
+        for process_instance in list(stream.followed):
+            self.unfollow(stream, process_instance)
+        task = asyncio.get_running_loop().create_task(self._release_slot(stream))
+        self._tasks.append(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
+
+    async def _release_slot(self, stream: Stream) -> None:
+        with contextlib.suppress(aioredis.RedisError):  # the slot expires by itself
+            await self.redis.zrem(routing.STREAMS_OF_USER_PREFIX + stream.user, stream.id)
+
+    # --- fan-out ---------------------------------------------------------------------------------------
+    def fan_out(self, event: StoredEvent) -> None:
+        if event.type == "connect":
+            return
+        if event.type == "disconnect":
+            assert event.process_instance is not None
+            for stream in list(self._by_process.get(event.process_instance, ())):
+                if stream.user == event.user:
+                    stream.push_unsubscribe(event)
+            return
+        if event.broadcast:
+            targets: set[Stream] | list[Stream] = self.streams
+        elif event.process_instance is not None:
+            targets = self._by_process.get(event.process_instance, set())
+            if event.user is not None:
+                targets = [s for s in targets if s.user == event.user]
+        else:
+            targets = self._by_user.get(event.user or "", set())
+        if not targets:
+            return
+        frame = sse.frame(event.id, event.event, render(event))
+        for stream in targets:
+            stream.push(event, frame)
+
+    async def _read(self) -> None:
+        delay = 0.2
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+            self._wake.clear()
+            try:
+                while True:
+                    events = await self.store.read_all(self.frontier)
+                    for event in events:
+                        self.fan_out(event)
+                        self.frontier = event.id
+                    if len(events) < 1000:
+                        break
+                self.healthy, delay = True, 0.2
+            except (aioredis.RedisError, OSError):
+                if self.healthy:
+                    logger.exception("cannot read the event store; streams wait and catch up when it returns")
+                self.healthy = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _listen(self) -> None:
+        layer = get_channel_layer()
+        while True:
+            try:
+                channel = await layer.new_channel()
+                await layer.group_add(routing.ANNOUNCE_GROUP, channel)
+                while True:
+                    await layer.receive(channel)
+                    self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("channel layer unavailable; relying on polling", exc_info=True)
+                await asyncio.sleep(2)
+
+    async def _tick(self) -> None:
+        refresh_every = max(1, int(SLOT_TTL_SECONDS / 3 / TICK_SECONDS))
+        ticks = 0
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            now = time.time()
+            for stream in list(self.streams):
+                stream.tick(now)
+            ticks += 1
+            if ticks % refresh_every == 0 and self.streams:
+                await self._refresh_slots(now)
+
+    async def _refresh_slots(self, now: float) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream in self.streams:
+                    key = routing.STREAMS_OF_USER_PREFIX + stream.user
+                    pipe.zadd(key, {stream.id: now + SLOT_TTL_SECONDS})
+                    pipe.expire(key, SLOT_TTL_SECONDS)
+                await pipe.execute()
+        except aioredis.RedisError:
+            logger.warning("could not refresh open-stream slots", exc_info=True)
+
+
+def render(event: StoredEvent) -> str:
+    return sse.payload(
+        data_json=event.data_json,
+        process_instance=event.process_instance,
+        user=event.user,
+        broadcast=event.broadcast,
+        published_ms=event.published_ms,
+    )
+
+
+_hub: Hub | None = None
+_hub_lock: asyncio.Lock | None = None
+
+
+async def get_hub() -> Hub:
+    """The process's hub, started on first use (daphne has no lifespan events)."""
+    global _hub, _hub_lock  # noqa: PLW0603 - one hub per process
+    if _hub is not None:
+        return _hub
+    if _hub_lock is None:
+        _hub_lock = asyncio.Lock()
+    async with _hub_lock:
+        if _hub is None:
+            hub = Hub()
+            await hub.start()
+            _hub = hub
+    return _hub
+
+
+async def shutdown_hub() -> None:
+    global _hub
+    hub, _hub = _hub, None
+    if hub is not None:
+        await hub.stop()

@@ -1,0 +1,313 @@
+"""The consumer service: Kafka batches -> validation -> Redis (durable) -> announcement -> commit.
+
+Invariants:
+- An offset is committed only after every record up to it is durable in Redis (or dead-lettered).
+- A record re-read after a crash or a rebalance is recognised by its offset (recorded in Redis in the
+  same atomic step as the event) and neither stored nor dead-lettered twice.
+- A backing service that fails (Redis, the database, the DLQ producer) stops fetching; the batch is
+  retried with backoff until it succeeds or the service is asked to stop, and nothing is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections
+
+from events import envelope, metrics, routing
+from events.store import EventStore, Record
+from subscriptions import services
+from subscriptions.models import RejectedRecord
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 1000
+# Backoff while a backing service is down: start fast (a blip), settle at 5 s (a restart).
+BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0
+
+
+def kafka_options() -> dict[str, Any]:
+    """Connection options shared by the consumer and producers, from settings."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.KAFKA_BOOTSTRAP_SERVERS,
+        "security_protocol": settings.KAFKA_SECURITY_PROTOCOL,
+    }
+    if settings.KAFKA_SECURITY_PROTOCOL in {"SSL", "SASL_SSL"}:
+        options["ssl_context"] = ssl.create_default_context()
+    if settings.KAFKA_SECURITY_PROTOCOL.startswith("SASL"):
+        options.update(
+            sasl_mechanism=settings.KAFKA_SASL_MECHANISM or "PLAIN",
+            sasl_plain_username=settings.KAFKA_SASL_USERNAME,
+            sasl_plain_password=settings.KAFKA_SASL_PASSWORD,
+        )
+    return options
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Batches are committed before the next fetch, so nothing is pending here; a batch in hand
+        # whose partitions move is re-read by the new owner and recognised by its stored offsets.
+        logger.info("partitions revoked", extra={"partitions": sorted(str(tp) for tp in revoked)})
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        logger.info("partitions assigned", extra={"partitions": sorted(str(tp) for tp in assigned)})
+
+
+class _Stopping(Exception):
+    """Raised out of a retry loop when the service is asked to stop."""
+
+
+class IngestService:
+    """Consumes KAFKA_TOPICS into the event store. start() / run() / stop()."""
+
+    def __init__(self, *, topics: Sequence[str] | None = None, group_id: str | None = None) -> None:
+        self.topics = list(topics or settings.KAFKA_TOPICS)
+        self.group_id = group_id or settings.KAFKA_GROUP_ID
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.redis: aioredis.Redis | None = None
+        self.store: EventStore | None = None
+        self._stop = asyncio.Event()
+        self.ready = False
+
+    async def start(self) -> None:
+        self.redis = aioredis.from_url(settings.REDIS_URL, socket_timeout=10, socket_connect_timeout=5)
+        self.store = EventStore(self.redis, retention_seconds=settings.EVENTS_RETENTION_SECONDS)
+        self.producer = AIOKafkaProducer(**kafka_options(), acks="all", enable_idempotence=False)
+        await self.producer.start()
+        self.consumer = AIOKafkaConsumer(
+            **kafka_options(),
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        self.consumer.subscribe(self.topics, listener=_Rebalance())
+        await self.consumer.start()
+        self.ready = True
+        logger.info("consumer started", extra={"topics": self.topics, "group": self.group_id})
+
+    def request_stop(self) -> None:
+        """Finish the batch in hand, commit it, and return from run()."""
+        self._stop.set()
+
+    async def stop(self) -> None:
+        """Release every connection; safe to call more than once."""
+        self.ready = False
+        consumer, self.consumer = self.consumer, None
+        producer, self.producer = self.producer, None
+        client, self.redis = self.redis, None
+        if consumer is not None:
+            await consumer.stop()
+        if producer is not None:
+            await producer.stop()
+        if client is not None:
+            await client.aclose()
+
+    async def run(self) -> None:
+        """Consume until request_stop(); the service must be started."""
+        assert self.consumer is not None
+        while not self._stop.is_set():
+            batch = await self.consumer.getmany(timeout_ms=500, max_records=MAX_BATCH)
+            if not batch:
+                continue
+            try:
+                await self.process(batch)
+            except _Stopping:
+                logger.warning("stopping with a batch not yet durable; it will be re-read")
+                return
+            self._update_lag(batch)
+
+    async def process(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        """Make one fetched batch durable, announce it, commit its offsets."""
+        assert self.consumer is not None
+        with metrics.CONSUMER_BATCH_SECONDS.time():
+            parsed = [(message, self._parse(message)) for messages in batch.values() for message in messages]
+            ids = await self._retrying("store", lambda: self._make_durable(parsed))
+            await self._announce(ids)
+            offsets = {tp: messages[-1].offset + 1 for tp, messages in batch.items() if messages}
+            try:
+                await self.consumer.commit(offsets)
+            except CommitFailedError:
+                # The group moved on during the batch; the new owner re-reads it and skips what is stored.
+                logger.warning("commit failed after a rebalance; the batch is already durable")
+
+    def _parse(self, message: ConsumerRecord[bytes, bytes]) -> envelope.Event | envelope.InvalidRecord:
+        default_type = settings.KAFKA_TOPIC_TYPES.get(message.topic, "message")
+        try:
+            return envelope.parse(message.value, max_bytes=settings.KAFKA_MESSAGE_MAX_BYTES, default_type=default_type)
+        except envelope.InvalidRecord as exc:
+            return exc
+
+    async def _make_durable(
+        self, parsed: list[tuple[ConsumerRecord[bytes, bytes], envelope.Event | envelope.InvalidRecord]]
+    ) -> list[str]:
+        assert self.store is not None
+        partitions = sorted({(m.topic, m.partition) for m, _ in parsed})
+        stored = await self.store.stored_offsets(partitions)
+        fresh = [(m, result) for m, result in parsed if m.offset > stored[(m.topic, m.partition)]]
+        if not fresh:
+            return []
+        grants = [(m, r) for m, r in fresh if isinstance(r, envelope.Event) and r.type != "message"]
+        if grants:
+            await sync_to_async(_apply_grants)(grants)
+        rejected = [(m, r) for m, r in fresh if isinstance(r, envelope.InvalidRecord)]
+        if rejected:
+            await self._dead_letter(rejected)
+        records = [
+            Record(m.topic, m.partition, m.offset, m.timestamp, r if isinstance(r, envelope.Event) else None)
+            for m, r in fresh
+        ]
+        ids = await self.store.append(records)
+        for (message, result), new_id in zip(fresh, ids, strict=True):
+            if isinstance(result, envelope.Event):
+                if new_id == "dup":
+                    metrics.EVENTS_DUPLICATE.labels(message.topic).inc()
+                elif new_id:
+                    metrics.EVENTS_CONSUMED.labels(message.topic, result.type).inc()
+        return [i for i in ids if i and i != "dup"]
+
+    async def _dead_letter(self, rejected: list[tuple[ConsumerRecord[bytes, bytes], envelope.InvalidRecord]]) -> None:
+        assert self.producer is not None
+        for message, error in rejected:
+            logger.warning(
+                "record rejected",
+                extra={
+                    "topic": message.topic,
+                    "partition": message.partition,
+                    "offset": message.offset,
+                    "reason": error.reason.value,
+                    "detail": error.detail,
+                },
+            )
+            headers = [
+                *message.headers,
+                ("x-gateway-error", str(error).encode()),
+                ("x-gateway-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+            ]
+            try:
+                await self.producer.send_and_wait(
+                    settings.KAFKA_DLQ_TOPIC, value=message.value, key=message.key, headers=headers
+                )
+            except MessageSizeTooLargeError:
+                # The DLQ topic takes smaller records than the source: keep the coordinates, drop the value.
+                await self.producer.send_and_wait(
+                    settings.KAFKA_DLQ_TOPIC,
+                    value=None,
+                    key=message.key,
+                    headers=[*headers, ("x-gateway-value-dropped", b"too large for the dead-letter topic")],
+                )
+            metrics.EVENTS_REJECTED.labels(message.topic, error.reason.value).inc()
+        await sync_to_async(_record_rejections)(rejected)
+
+    async def _announce(self, ids: list[str]) -> None:
+        """Tell web processes new events are durable. Best effort: they also poll the store."""
+        if not ids:
+            return
+        try:
+            await get_channel_layer().group_send(routing.ANNOUNCE_GROUP, {"type": "events.stored", "last_id": ids[-1]})
+        except Exception:
+            metrics.BACKEND_ERRORS.labels("channel_layer").inc()
+            logger.warning("could not announce new events; web processes will find them by polling", exc_info=True)
+
+    async def _retrying(self, what: str, attempt: Any) -> Any:
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                return await attempt()
+            except (aioredis.RedisError, OSError, DatabaseError, KafkaError) as exc:
+                backend = _backend_of(exc)
+                metrics.BACKEND_ERRORS.labels(backend).inc()
+                logger.exception(
+                    "%s unavailable while trying to %s; retrying in %.1fs, nothing committed",
+                    backend,
+                    what,
+                    delay,
+                    extra={"error": repr(exc)},
+                )
+                if backend == "database":
+                    await sync_to_async(close_old_connections)()
+            if self._stop.is_set():
+                raise _Stopping
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=delay * random.uniform(0.8, 1.2))  # noqa: S311
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    def _update_lag(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        assert self.consumer is not None
+        for tp, messages in batch.items():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None and messages:
+                metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(max(0, highwater - messages[-1].offset - 1))
+
+
+def _backend_of(exc: BaseException) -> str:
+    if isinstance(exc, DatabaseError):
+        return "database"
+    if isinstance(exc, KafkaError):
+        return "kafka"
+    return "redis"
+
+
+def _coordinates(message: ConsumerRecord[bytes, bytes]) -> str:
+    return f"kafka {message.topic}/{message.partition}/{message.offset}"
+
+
+def _apply_grants(grants: list[tuple[ConsumerRecord[bytes, bytes], envelope.Event]]) -> None:
+    close_old_connections()
+    for message, event in grants:
+        assert event.user is not None
+        assert event.process_instance is not None
+        at = datetime.fromtimestamp(message.timestamp / 1000, UTC)
+        if event.type == "connect":
+            services.grant_apply(
+                user=event.user,
+                process_instance=event.process_instance,
+                granted_by=_coordinates(message),
+                source="kafka",
+                at=at,
+            )
+        else:
+            services.grant_revoke(
+                user=event.user, process_instance=event.process_instance, revoked_by=_coordinates(message), at=at
+            )
+
+
+def _record_rejections(rejected: list[tuple[ConsumerRecord[bytes, bytes], envelope.InvalidRecord]]) -> None:
+    close_old_connections()
+    now = datetime.now(UTC)
+    services.rejected_records_create(
+        records=[
+            RejectedRecord(
+                received_at=now,
+                topic=m.topic,
+                partition=m.partition,
+                offset=m.offset,
+                reason=e.reason.value,
+                detail=e.detail,
+                key=_printable(m.key or b"")[:1000],
+                value_preview=_printable((m.value or b"")[:4096]),
+                value_size=len(m.value or b""),
+                headers=[[k, _printable(v)] for k, v in m.headers],
+            )
+            for m, e in rejected
+        ]
+    )
+
+
+def _printable(raw: bytes) -> str:
+    """Bytes as text a database column takes (PostgreSQL refuses NUL)."""
+    return raw.decode("utf-8", "replace").replace("\x00", "\ufffd")

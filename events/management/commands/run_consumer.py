@@ -1,0 +1,38 @@
+"""`manage.py run_consumer`: consume Kafka into the event store until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from events.ingest import IngestService
+from events.opsserver import serve_ops
+
+
+class Command(BaseCommand):
+    help = "Consume KAFKA_TOPICS into Redis and announce new events to the web processes."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--metrics-port", type=int, default=None, help="override CONSUMER_METRICS_PORT (0: off)")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        asyncio.run(_main(options["metrics_port"]))
+
+
+async def _main(metrics_port: int | None) -> None:
+    service = IngestService()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    ops = await serve_ops(service, port=metrics_port)
+    try:
+        await service.start()
+        await service.run()
+    finally:
+        await service.stop()
+        if ops is not None:
+            ops.close()
+            await ops.wait_closed()

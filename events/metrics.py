@@ -1,0 +1,25 @@
+"""Prometheus metrics shared by the web and consumer processes (CONTRACT section 7)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_CONSUMED = Counter("gateway_events_consumed", "Kafka records accepted and stored", ["topic", "type"])
+EVENTS_DUPLICATE = Counter(
+    "gateway_events_duplicate", "Accepted records not stored again (producer id seen before)", ["topic"]
+)
+EVENTS_REJECTED = Counter("gateway_events_rejected", "Kafka records sent to the dead-letter topic", ["topic", "reason"])
+CONSUMER_LAG = Gauge(
+    "gateway_consumer_lag", "Records behind the partition's end after the last batch", ["topic", "partition"]
+)
+CONSUMER_BATCH_SECONDS = Histogram("gateway_consumer_batch_seconds", "Time to make one batch durable")
+BACKEND_ERRORS = Counter("gateway_backend_errors", "Failed calls to a backing service", ["backend"])
+
+DELIVERIES = Counter("gateway_deliveries", "Events written to streams, by outcome", ["status"])
+OPEN_STREAMS = Gauge("gateway_open_streams", "SSE streams open in this process")
+STREAMS_REFUSED = Counter("gateway_streams_refused", "Stream requests refused before opening", ["status"])
+DELIVERY_LATENCY = Histogram(
+    "gateway_delivery_latency_seconds",
+    "Kafka record timestamp to bytes written on the stream",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)

@@ -1,0 +1,78 @@
+"""The consumer's /healthz, /readyz and /metrics on CONSUMER_METRICS_PORT (a tiny asyncio HTTP server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connection
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from events.ingest import IngestService
+
+logger = logging.getLogger(__name__)
+
+
+def _database_ok() -> bool:
+    try:
+        connection.ensure_connection()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means not ready
+        return False
+
+
+async def _readiness(service: IngestService) -> dict[str, bool]:
+    checks = {"kafka": service.ready and service.consumer is not None}
+    try:
+        checks["redis"] = bool(service.redis is not None and await asyncio.wait_for(service.redis.ping(), 2))
+    except Exception:  # noqa: BLE001
+        checks["redis"] = False
+    checks["database"] = await sync_to_async(_database_ok)()
+    return checks
+
+
+async def serve_ops(service: IngestService, *, port: int | None) -> asyncio.Server | None:
+    """Start serving; None when the port is 0."""
+    port = settings.CONSUMER_METRICS_PORT if port is None else port
+    if not port:
+        return None
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request_line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) > 1 else ""
+            if path == "/healthz":
+                status, ctype, body = 200, "application/json", b'{"status": "ok"}'
+            elif path == "/readyz":
+                checks = await _readiness(service)
+                status = 200 if all(checks.values()) else 503
+                assigned = len(service.consumer.assignment()) if service.ready and service.consumer else 0
+                ctype = "application/json"
+                body = json.dumps({**checks, "assigned_partitions": assigned}).encode()
+            elif path == "/metrics":
+                status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest()
+            else:
+                status, ctype, body = 404, "application/json", b'{"error": "not found"}'
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host="0.0.0.0", port=port)  # noqa: S104 - scraped by Prometheus
+    logger.info("consumer health and metrics on port %d", port)
+    return server

@@ -1,0 +1,61 @@
+"""Event -> SSE frame bytes; comments and control fields. No I/O.
+
+Every value placed in a field is stripped of CR and LF so that nothing a producer or client sends can
+start a new SSE field. Payloads are JSON, which never contains a raw line break.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+_LINE_BREAKS = str.maketrans({"\r": "", "\n": "", "\0": ""})
+PING = b": ping\n\n"
+
+
+def clean(value: str) -> str:
+    """A value safe to put after `field: ` on one line."""
+    return value.translate(_LINE_BREAKS)
+
+
+def iso_from_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def payload(
+    *, data_json: str, process_instance: str | None, user: str | None, broadcast: bool, published_ms: int
+) -> str:
+    """The `data:` JSON of the contract: the producer's data and where it came from."""
+    return (
+        '{"data":'
+        + data_json
+        + ',"processInstanceUuid":'
+        + json.dumps(process_instance, ensure_ascii=False)
+        + ',"user":'
+        + json.dumps(user, ensure_ascii=False)
+        + ',"broadcast":'
+        + ("true" if broadcast else "false")
+        + ',"publishedAt":"'
+        + iso_from_ms(published_ms)
+        + '"}'
+    )
+
+
+def frame(event_id: str, event: str, data: str) -> bytes:
+    """One SSE event. `data` must be a single line (JSON is)."""
+    return f"id: {clean(event_id)}\nevent: {clean(event)}\ndata: {clean(data)}\n\n".encode()
+
+
+def retry(ms: int) -> bytes:
+    return f"retry: {int(ms)}\n\n".encode()
+
+
+def position(event_id: str) -> bytes:
+    """An id-only block: moves the client's Last-Event-ID without dispatching an event."""
+    return f"id: {clean(event_id)}\n\n".encode()
+
+
+def control(event: str, data: dict[str, object], event_id: str | None = None) -> bytes:
+    """A gateway event (stream-reset, unsubscribed, auth-expired, ...)."""
+    head = f"id: {clean(event_id)}\n" if event_id else ""
+    return f"{head}event: {clean(event)}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()

@@ -1,0 +1,236 @@
+"""One open SSE stream: replay, live loop, heartbeat, buffer limit, cleanup.
+
+Invariants: every event the stream may see after its starting position is written once, in id order
+(replay covers (Last-Event-ID, start], the hub pushes what comes after start). Whatever was queued but
+not written when the stream ends is audited as dropped; the client's reconnect resumes by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+
+from django.conf import settings
+
+from events import metrics, routing, sse
+from events.hub import INSTANCE, Hub, render
+from events.store import StoredEvent
+from subscriptions.models import DeliveryAudit, Subscription
+
+logger = logging.getLogger(__name__)
+
+BufferProbe = Callable[[], int | None]
+
+
+class Stream:
+    def __init__(
+        self,
+        *,
+        hub: Hub,
+        stream_id: str,
+        user: str,
+        followed: list[str],
+        auth_method: str,
+        last_event_id: str | None,
+        expires_at: float | None,
+        client_address: str,
+        user_agent: str,
+        write_buffer: BufferProbe | None = None,
+        abort: Callable[[], None] | None = None,
+    ) -> None:
+        self.hub = hub
+        self.id = stream_id
+        self.user = user
+        self.followed = set(followed)
+        self.last_event_id = last_event_id
+        self.expires_at = expires_at
+        self._write_buffer = write_buffer
+        self._abort = abort
+        self._pending: list[tuple[StoredEvent | None, bytes]] = []
+        self._wake = asyncio.Event()
+        self._close_reason: str | None = None
+        self._last_write = time.time()
+        self._ping_due = False
+        # Cumulative byte offsets at which each written event ends, to count events the client
+        # has not yet taken off the socket.
+        self._unflushed_ends: deque[int] = deque()
+        self._written_bytes = 0
+        self.position = ""
+        self.delivered = 0
+        self.subscription = Subscription(
+            id=uuid.UUID(stream_id),
+            user=user,
+            process_instances=sorted(followed),
+            auth_method=auth_method,
+            opened_at=datetime.now(UTC),
+            resumed_from=(last_event_id or "")[:40],
+            client_address=client_address[:64],
+            user_agent=user_agent[:512],
+            instance=INSTANCE[:128],
+        )
+
+    # --- called by the hub, in the event loop, never blocking -------------------------------------------
+    def push(self, event: StoredEvent, frame: bytes) -> None:
+        if self._close_reason is not None:
+            return
+        self._pending.append((event, frame))
+        if len(self._pending) + len(self._unflushed_ends) > settings.EVENTS_STREAM_BUFFER:
+            self.close(Subscription.CloseReason.SLOW_CLIENT)
+        self._wake.set()
+
+    def push_unsubscribe(self, event: StoredEvent) -> None:
+        assert event.process_instance is not None
+        self.hub.unfollow(self, event.process_instance)
+        self.followed.discard(event.process_instance)
+        self._pending.append(
+            (None, sse.control("unsubscribed", {"processInstanceUuid": event.process_instance}, event.id))
+        )
+        self.position = event.id
+        self._wake.set()
+
+    def tick(self, now: float) -> None:
+        if self.expires_at is not None and now >= self.expires_at:
+            self.close(Subscription.CloseReason.AUTH_EXPIRED)
+        elif now - self._last_write >= settings.EVENTS_HEARTBEAT_SECONDS:
+            self._ping_due = True
+            self._wake.set()
+
+    def close(self, reason: str) -> None:
+        if self._close_reason is None:
+            self._close_reason = reason
+            self._wake.set()
+
+    # --- the response body -------------------------------------------------------------------------------
+    async def body(self) -> AsyncIterator[bytes]:
+        self.hub.audit.opened(self.subscription)
+        metrics.OPEN_STREAMS.inc()
+        reason = Subscription.CloseReason.CLIENT_GONE
+        try:
+            start = self.hub.register(self)
+            first = sse.retry(settings.EVENTS_RETRY_MS) + await self._resume(start)
+            yield self._written(first)
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._close_reason is not None:
+                    reason = self._close_reason  # type: ignore[assignment]
+                    # A slow client's queue is dropped (audited as such); anyone else gets what is queued.
+                    chunk = b"" if reason == Subscription.CloseReason.SLOW_CLIENT else self._take()
+                    if chunk:
+                        yield self._written(chunk)
+                    final = self._final_words(reason)
+                    if final:
+                        yield self._written(final)
+                    if reason == Subscription.CloseReason.SLOW_CLIENT and self._abort is not None:
+                        self._abort()
+                    return
+                chunk = self._take()
+                if not chunk and self._ping_due:
+                    chunk = sse.PING
+                self._ping_due = False
+                if chunk:
+                    yield self._written(chunk)
+                    self._check_backlog()
+        finally:
+            self._finish(reason)
+
+    async def _resume(self, start: str) -> bytes:
+        self.position = start
+        if not self.last_event_id:
+            return sse.position(start)
+        if not await self.hub.store.is_resumable(self.last_event_id):
+            return sse.control("stream-reset", {"reason": "unknown or expired Last-Event-ID"}, start)
+        replayed = await self.hub.store.replay(
+            sources=routing.sources_for(user=self.user, process_instances=sorted(self.followed)),
+            after=self.last_event_id,
+            until=start,
+        )
+        out: list[bytes] = []
+        sent: list[StoredEvent] = []
+        for event in replayed:
+            if event.type == "disconnect":
+                if event.user == self.user and event.process_instance in self.followed:
+                    self.hub.unfollow(self, event.process_instance)
+                    self.followed.discard(event.process_instance)
+                    out.append(sse.control("unsubscribed", {"processInstanceUuid": event.process_instance}, event.id))
+                continue
+            if routing.visible_to(
+                stream_user=self.user,
+                event_user=event.user,
+                process_instance=event.process_instance,
+                broadcast=event.broadcast,
+                followed=self.followed,
+            ):
+                out.append(sse.frame(event.id, event.event, render(event)))
+                sent.append(event)
+        if sent:
+            self._record(sent, DeliveryAudit.Status.REPLAYED)
+        return b"".join(out) + sse.position(start)
+
+    def _take(self) -> bytes:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return b""
+        events = [event for event, _ in pending if event is not None]
+        if events:
+            self._record(events, DeliveryAudit.Status.DELIVERED)
+            self.position = events[-1].id
+        return b"".join(frame for _, frame in pending)
+
+    def _record(self, events: list[StoredEvent], status: str) -> None:
+        now = time.time()
+        if status != DeliveryAudit.Status.DROPPED:
+            self.delivered += len(events)
+            self.position = events[-1].id
+            for event in events:
+                metrics.DELIVERY_LATENCY.observe(max(0.0, now - event.published_ms / 1000))
+        self.hub.audit.delivered(self.id, events, status, now)
+
+    def _written(self, chunk: bytes) -> bytes:
+        self._last_write = time.time()
+        self._written_bytes += len(chunk)
+        if self._write_buffer is not None:
+            self._unflushed_ends.append(self._written_bytes)
+        return chunk
+
+    def _check_backlog(self) -> None:
+        """Close the stream if the client has stopped reading (bytes pile up in the server's buffer)."""
+        if self._write_buffer is None:
+            return
+        buffered = self._write_buffer()
+        if buffered is None:
+            return
+        flushed = self._written_bytes - buffered
+        while self._unflushed_ends and self._unflushed_ends[0] <= flushed:
+            self._unflushed_ends.popleft()
+        if len(self._unflushed_ends) + len(self._pending) > settings.EVENTS_STREAM_BUFFER:
+            self.close(Subscription.CloseReason.SLOW_CLIENT)
+
+    def _final_words(self, reason: str) -> bytes:
+        if reason == Subscription.CloseReason.AUTH_EXPIRED:
+            return sse.control("auth-expired", {"reason": "the bearer token expired"})
+        if reason == Subscription.CloseReason.SHUTDOWN:
+            return sse.retry(settings.EVENTS_RETRY_MS)
+        return b""
+
+    def _finish(self, reason: str) -> None:
+        dropped = [event for event, _ in self._pending if event is not None]
+        self._pending.clear()
+        if dropped:
+            self._record(dropped, DeliveryAudit.Status.DROPPED)
+        self.hub.unregister(self)
+        metrics.OPEN_STREAMS.dec()
+        sub = self.subscription
+        sub.closed_at = datetime.now(UTC)
+        sub.close_reason = reason
+        sub.last_event_id = self.position[:40]
+        sub.events_delivered = self.delivered
+        self.hub.audit.closed(sub)
+        logger.info(
+            "stream closed", extra={"stream": self.id, "user": self.user, "reason": reason, "delivered": self.delivered}
+        )

@@ -1,0 +1,17 @@
+"""ASGI entry point: `daphne gateway_project.asgi:application`."""
+
+from __future__ import annotations
+
+import os
+
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
+django_application = get_asgi_application()
+
+from events.transport import expose_transport  # noqa: E402 - needs Django set up first
+
+# The admin's static files are served by the app itself so one image needs nothing else;
+# a proxy in front may serve /static/ instead.
+application = expose_transport(ASGIStaticFilesHandler(django_application))

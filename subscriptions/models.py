@@ -1,0 +1,137 @@
+"""What admins audit: open and closed streams, each delivery, grants, and rejected records."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+
+
+class Subscription(models.Model):
+    """One opened SSE stream."""
+
+    class CloseReason(models.TextChoices):
+        CLIENT_GONE = "client_gone", "client disconnected"
+        SLOW_CLIENT = "slow_client", "client fell too far behind"
+        AUTH_EXPIRED = "auth_expired", "bearer token expired"
+        SHUTDOWN = "shutdown", "server shut down"
+        SERVER_ERROR = "server_error", "transient server fault"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False, verbose_name="stream id")
+    user = models.CharField(max_length=150)
+    process_instances = models.JSONField(default=list, blank=True)
+    auth_method = models.CharField(max_length=16)
+    opened_at = models.DateTimeField()
+    closed_at = models.DateTimeField(null=True, blank=True)
+    close_reason = models.CharField(max_length=16, choices=CloseReason.choices, blank=True)
+    resumed_from = models.CharField(max_length=40, blank=True)
+    last_event_id = models.CharField(max_length=40, blank=True)
+    events_delivered = models.PositiveIntegerField(default=0)
+    client_address = models.CharField(max_length=64, blank=True)
+    user_agent = models.CharField(max_length=512, blank=True)
+    instance = models.CharField(max_length=128, help_text="web process (host:pid) that served the stream")
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["user", "-opened_at"], name="sub_user_opened"),
+            models.Index(fields=["-opened_at"], name="sub_opened"),
+            models.Index(fields=["closed_at"], name="sub_open", condition=Q(closed_at__isnull=True)),
+        ]
+
+    def __str__(self) -> str:
+        return f"stream {self.id} of {self.user}"
+
+
+class DeliveryAudit(models.Model):
+    """The outcome of one event on one stream."""
+
+    class Status(models.TextChoices):
+        DELIVERED = "delivered"
+        REPLAYED = "replayed"
+        DROPPED = "dropped"
+
+    subscription = models.ForeignKey(Subscription, on_delete=models.CASCADE, related_name="deliveries")
+    event_id = models.CharField(max_length=40)
+    event = models.CharField(max_length=64)
+    status = models.CharField(max_length=16, choices=Status.choices)
+    user = models.CharField(max_length=150, blank=True)
+    process_instance = models.CharField(max_length=128, blank=True)
+    kafka_topic = models.CharField(max_length=255, blank=True)
+    kafka_partition = models.IntegerField(null=True)
+    kafka_offset = models.BigIntegerField(null=True)
+    sent_at = models.DateTimeField()
+    latency_ms = models.FloatField(null=True, help_text="Kafka record timestamp to bytes written")
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["event_id"], name="audit_event"),
+            models.Index(fields=["user", "-sent_at"], name="audit_user_sent"),
+            models.Index(fields=["process_instance", "-sent_at"], name="audit_pi_sent"),
+            models.Index(fields=["-sent_at"], name="audit_sent"),
+            models.Index(fields=["subscription", "-sent_at"], name="audit_sub_sent"),
+            models.Index(fields=["status", "-sent_at"], name="audit_status_sent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_id} {self.status}"
+
+
+class Grant(models.Model):
+    """A user may follow a process instance while the grant is active (not revoked)."""
+
+    class Source(models.TextChoices):
+        KAFKA = "kafka"
+        ADMIN = "admin"
+
+    user = models.CharField(max_length=150)
+    process_instance = models.CharField(max_length=128)
+    granted_at = models.DateTimeField()
+    granted_by = models.CharField(max_length=255, help_text="the connect record, or the admin who granted")
+    source = models.CharField(max_length=8, choices=Source.choices)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "process_instance"], condition=Q(revoked_at__isnull=True), name="one_active_grant"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["user", "process_instance"], name="grant_user_pi"),
+            models.Index(fields=["process_instance"], name="grant_pi"),
+        ]
+        permissions = [("view_all_process_instances", "May follow every process instance without a grant")]
+
+    def __str__(self) -> str:
+        return f"{self.user} -> {self.process_instance}"
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+class RejectedRecord(models.Model):
+    """A Kafka record that was not accepted; a copy went to the dead-letter topic."""
+
+    received_at = models.DateTimeField()
+    topic = models.CharField(max_length=255)
+    partition = models.IntegerField()
+    offset = models.BigIntegerField()
+    reason = models.CharField(max_length=32)
+    detail = models.TextField()
+    key = models.TextField(blank=True)
+    value_preview = models.TextField(blank=True, help_text="the first 4 KiB of the value, as text")
+    value_size = models.PositiveIntegerField()
+    headers = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["-received_at"], name="rejected_received"),
+            models.Index(fields=["reason", "-received_at"], name="rejected_reason"),
+            models.Index(fields=["topic", "partition", "offset"], name="rejected_coords"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}: {self.reason}"
