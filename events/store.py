@@ -43,12 +43,15 @@ local offsets = {}
 for i = 2, #ARGV, STRIDE do
   local okey = ARGV[i + 14]
   local offset = tonumber(ARGV[i + 2])
-  local stored = offsets[okey]
-  if stored == nil then stored = tonumber(redis.call('GET', okey) or '-1') end
-  if offset <= stored then
+  local stored = -1
+  if okey ~= '' then
+    stored = offsets[okey]
+    if stored == nil then stored = tonumber(redis.call('GET', okey) or '-1') end
+  end
+  if okey ~= '' and offset <= stored then
     results[#results + 1] = ''
   else
-    offsets[okey] = offset
+    if okey ~= '' then offsets[okey] = offset end
     local kind = ARGV[i + 4]
     if kind == '' then
       results[#results + 1] = ''
@@ -95,7 +98,10 @@ def parse_id(event_id: str) -> tuple[int, int] | None:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A Kafka record's coordinates with its validated event (None: rejected, only its offset is kept)."""
+    """A Kafka record's coordinates with its validated event (None: rejected, only its offset is kept).
+
+    Events that do not come from Kafka (grants changed in the admin) have partition -1: no offset is tracked.
+    """
 
     topic: str
     partition: int
@@ -188,7 +194,7 @@ class EventStore:
                     source or "",
                     routing.dedup_key(ev.producer_id) if ev.producer_id else "",
                 ]
-            args.append(routing.offset_key(record.topic, record.partition))
+            args.append(routing.offset_key(record.topic, record.partition) if record.partition >= 0 else "")
         result = await self._append(keys=[routing.EVENTS_STREAM, routing.LAST_ID_KEY], args=args)
         return [_text(r) for r in result]
 
