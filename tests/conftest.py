@@ -1,4 +1,4 @@
-"""Fixtures: a real Kafka-protocol broker (Tansu), a real Redis per test module, the gateway's processes."""
+"""Fixtures: a real Kafka-protocol broker (Tansu), a real Redis per test, the gateway's processes."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ def kafka() -> Iterator[KafkaBroker]:
         yield broker
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
+    """A Redis of the test's own: nothing carries over between tests."""
     with RedisServer() as server:
         yield server
 
