@@ -7,9 +7,9 @@ import pytest
 from events.envelope import Event, InvalidRecord, Rejection, parse
 
 
-def _parse(value: object, **kwargs: object) -> Event:
+def _parse(value: object, default_type: str = "message") -> Event:
     raw = value if isinstance(value, bytes) else json.dumps(value).encode()
-    return parse(raw, max_bytes=int(kwargs.pop("max_bytes", 10_000)), **kwargs)  # type: ignore[arg-type]
+    return parse(raw, max_bytes=10_000, default_type=default_type)
 
 
 @pytest.mark.parametrize(

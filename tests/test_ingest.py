@@ -26,7 +26,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def stored(redis_url: str) -> list[dict[str, str]]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        return [fields for _, fields in client.xrange("events-gateway:events")]
+        entries: list[Any] = client.xrange("events-gateway:events")
+        return [fields for _, fields in entries]
     finally:
         client.close()
 
@@ -79,7 +80,8 @@ async def test_accepted_events_are_stored_with_kafka_coordinates(gateway: Gatewa
         str(partition),
         str(offset),
     )
-    assert entry["event_id"] and int(entry["received_at"]) > 0
+    assert entry["event_id"]
+    assert int(entry["received_at"]) > 0
 
 
 async def test_bad_records_go_to_the_dead_letter_topic_and_the_consumer_moves_on(
