@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import IntegrityError, close_old_connections
 
 from events import metrics
 from events.store import StoredEvent
@@ -89,6 +89,10 @@ class AuditWriter:
             return
         try:
             await sync_to_async(_write, thread_sensitive=False)(pending)
+        except IntegrityError:
+            # Not transient (the stream's row is gone, e.g. purged): retrying cannot succeed.
+            logger.exception("dropping a batch of stream audits the database refuses")
+            metrics.BACKEND_ERRORS.labels("database").inc()
         except Exception:
             logger.exception("could not write stream audits; keeping them for the next flush")
             metrics.BACKEND_ERRORS.labels("database").inc()

@@ -11,6 +11,8 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from events import metrics as gateway_metrics
+
 
 async def healthz(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"status": "ok"})
@@ -41,4 +43,5 @@ async def readyz(request: HttpRequest) -> HttpResponse:
 
 
 async def metrics(request: HttpRequest) -> HttpResponse:
+    gateway_metrics.ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
     return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -25,15 +26,16 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture
-def db_url(transactional_db: None) -> str:
-    """The test database, committed to, so the gateway's own processes see what the test writes."""
+@pytest.fixture(scope="session")
+def db_url(django_db_setup: None) -> str:
+    """The test database, for the gateway's own processes. Tests that write what those processes
+    must see use `django_db(transaction=True)`, so it is committed."""
     return database_url(connection.settings_dict)
 
 
 @pytest_asyncio.fixture
 async def gateway(kafka: KafkaBroker, redis_server: RedisServer, db_url: str) -> AsyncIterator[Gateway]:
-    """One web process and one consumer on fresh topics."""
+    """A fresh deployment for one test: one web process and one consumer on new topics, its own Redis."""
     gw = Gateway(bootstrap=kafka.bootstrap, redis_url=redis_server.url, database_url=db_url)
     await gw.create_topics()
     try:
@@ -43,3 +45,17 @@ async def gateway(kafka: KafkaBroker, redis_server: RedisServer, db_url: str) ->
     finally:
         gw.stop()
         await gw.close_producer()
+
+
+@pytest.fixture(scope="module")
+def shared_gateway(kafka: KafkaBroker, db_url: str) -> Iterator[Gateway]:
+    """One deployment shared by a module's tests, which keep apart by using their own users."""
+    with RedisServer() as server:
+        gw = Gateway(bootstrap=kafka.bootstrap, redis_url=server.url, database_url=db_url)
+        asyncio.run(gw.create_topics())
+        try:
+            gw.start_web()
+            gw.start_consumer()
+            yield gw
+        finally:
+            gw.stop()
