@@ -13,7 +13,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
@@ -60,6 +63,7 @@ class Hub:
         self._by_user: defaultdict[str, set[Stream]] = defaultdict(set)
         self._by_process: defaultdict[str, set[Stream]] = defaultdict(set)
         self._wake = asyncio.Event()
+        self._drained = asyncio.Event()  # set whenever the last stream leaves
         self._tasks: list[asyncio.Task[None]] = []
         self._claim = self.redis.register_script(_CLAIM_LUA)
         self.healthy = False
@@ -75,10 +79,13 @@ class Hub:
             loop.create_task(self._tick(), name="hub-tick"),
         ]
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
         """Close every stream with a final retry, flush audits, release connections. Idempotent."""
         for stream in list(self.streams):
             stream.close("shutdown")
+        if self.streams:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), grace)
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -99,6 +106,7 @@ class Hub:
     def register(self, stream: Stream) -> str:
         """Start handing events to `stream`; returns the id after which they start."""
         self.streams.add(stream)
+        self._drained.clear()
         self._by_user[stream.user].add(stream)
         for process_instance in stream.followed:
             self._by_process[process_instance].add(stream)
@@ -113,6 +121,8 @@ class Hub:
 
     def unregister(self, stream: Stream) -> None:
         self.streams.discard(stream)
+        if not self.streams:
+            self._drained.set()
         members = self._by_user.get(stream.user)
         if members is not None:
             members.discard(stream)
@@ -243,6 +253,7 @@ async def get_hub() -> Hub:
             hub = Hub()
             await hub.start()
             _hub = hub
+            _install_graceful_shutdown()
     return _hub
 
 
@@ -251,3 +262,35 @@ async def shutdown_hub() -> None:
     hub, _hub = _hub, None
     if hub is not None:
         await hub.stop()
+
+
+def _install_graceful_shutdown() -> None:
+    """Under daphne, SIGTERM/SIGINT first close the open streams with a final `retry:` (clients reconnect
+    to another process) and flush audits, then stop the server. Twisted would cancel the streams at once."""
+    if "twisted.internet.reactor" not in sys.modules or threading.current_thread() is not threading.main_thread():
+        return
+    from twisted.internet import reactor  # noqa: PLC0415 - only under daphne
+
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    async def graceful() -> None:
+        try:
+            await shutdown_hub()
+        finally:
+            reactor.stop()  # type: ignore[misc]
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if stopping:  # a second signal: stop now
+            loop.call_soon_threadsafe(reactor.stop)  # type: ignore[misc]
+            return
+        stopping = True
+        logger.info("signal %d: closing open streams, then stopping", signum)
+        loop.call_soon_threadsafe(lambda: _shutdown_tasks.add(loop.create_task(graceful())))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
+_shutdown_tasks: set[asyncio.Task[None]] = set()
