@@ -150,9 +150,8 @@ async def test_a_client_that_stops_reading_is_closed_without_slowing_others(
         gw.start_consumer()
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         slow.connect(("127.0.0.1", int(web.rsplit(":", 1)[1])))
-        slow.sendall(
-            f"GET /api/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token('slow')}\r\n\r\n".encode()
-        )
+        request = f"GET /api/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token('slow')}\r\n"
+        slow.sendall(request.encode() + b"\r\n")
         assert slow.recv(12) == b"HTTP/1.1 200"  # then it never reads again
         async with await open_stream(web, token=token("fast")) as fast:
             big = "x" * 16_000
