@@ -10,7 +10,13 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
 django_application = get_asgi_application()
 
+from django.conf import settings  # noqa: E402
+
 from events.transport import expose_transport  # noqa: E402 - needs Django set up first
+from gateway_project.logging import route_daphne_access_log  # noqa: E402
+
+if settings.LOG_FORMAT == "json":
+    route_daphne_access_log()
 
 # The admin's static files are served by the app itself so one image needs nothing else;
 # a proxy in front may serve /static/ instead.

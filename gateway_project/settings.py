@@ -13,7 +13,8 @@ from django.core.exceptions import ImproperlyConfigured
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
@@ -172,6 +173,7 @@ LOGGING = {
     "loggers": {
         "aiokafka": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
+        "daphne.access": {"level": "INFO"},
         "django.request": {"level": "ERROR"},
     },
 }
