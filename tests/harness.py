@@ -121,8 +121,9 @@ class Gateway:
         finally:
             await admin.close()
 
-    def start_web(self) -> str:
-        port = free_port()
+    def start_web(self, *, port: int | None = None) -> str:
+        """Start a web process (on `port`, to bring a stopped one back at the same address)."""
+        port = port or free_port()
         proc = Proc(
             "web",
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "gateway_project.asgi:application"],
@@ -132,6 +133,15 @@ class Gateway:
         self._wait(lambda: _get(url + "/healthz")[0] == 200, proc, "web server")
         self.webs.append((proc, url))
         return url
+
+    def stop_web(self, url: str) -> int:
+        """Stop the web process serving `url` (its streams drop); returns its port for start_web."""
+        for entry in self.webs:
+            if entry[1] == url:
+                self.webs.remove(entry)
+                entry[0].stop()
+                return int(url.rsplit(":", 1)[1])
+        raise ValueError(f"no web process serves {url}")
 
     def start_consumer(self, *, wait: bool = True) -> Proc:
         port = free_port()

@@ -6,11 +6,9 @@ import asyncio
 import json
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from events.ingest import kafka_options
+from events.publish import envelope_build, event_publish
 
 
 class Command(BaseCommand):
@@ -31,27 +29,16 @@ class Command(BaseCommand):
             data = json.loads(options["data"])
         except json.JSONDecodeError as exc:
             raise CommandError(f"--data is not JSON: {exc}") from exc
-        envelope: dict[str, Any] = {"type": options["type"]}
-        if options["type"] == "message":
-            envelope["data"] = data
-            if options["event"]:
-                envelope["event"] = options["event"]
-        for key, option in (("user", "user"), ("processInstanceUuid", "process_instance"), ("id", "producer_id")):
-            if options[option]:
-                envelope[key] = options[option]
-        if options["broadcast"]:
-            envelope["broadcast"] = True
-        topic = options["topic"] or settings.KAFKA_TOPICS[0]
-        key = options["process_instance"] or options["user"]
-        partition, offset = asyncio.run(_publish(topic, key, json.dumps(envelope).encode()))
-        self.stdout.write(f"published to {topic}/{partition} at offset {offset}: {json.dumps(envelope)}")
-
-
-async def _publish(topic: str, key: str | None, value: bytes) -> tuple[int, int]:
-    producer = AIOKafkaProducer(**kafka_options())
-    await producer.start()
-    try:
-        meta = await producer.send_and_wait(topic, value=value, key=key.encode() if key else None)
-        return meta.partition, meta.offset
-    finally:
-        await producer.stop()
+        envelope = envelope_build(
+            type=options["type"],
+            user=options["user"],
+            process_instance=options["process_instance"],
+            broadcast=options["broadcast"],
+            event=options["event"],
+            data=data,
+            producer_id=options["producer_id"],
+        )
+        published = asyncio.run(event_publish(envelope=envelope, topic=options["topic"]))
+        self.stdout.write(
+            f"published to {published.topic}/{published.partition} at offset {published.offset}: {json.dumps(envelope)}"
+        )
