@@ -16,17 +16,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import redis.asyncio as aioredis
 
 from events import routing
 from events.envelope import Event
 
+# Records per script call: one call blocks Redis while it runs, so big batches go as several calls in
+# one pipeline and other clients (web processes reading) get their turn in between.
+APPEND_CHUNK = 500
 ID_PATTERN = re.compile(r"^(\d{1,15})-(\d{1,15})$")
 
-# One call appends a whole batch; Redis runs it atomically, so an event is either fully stored
-# (global stream, source stream, dedup key, partition offset) or not at all.
+# One call appends a chunk of records; Redis runs it atomically, so an event is either fully stored
+# (global stream, source stream, dedup key, partition offset) or not at all. ARGV[2] is the chunk as
+# one MessagePack array of 16-string rows: packing one blob is far cheaper than 16 arguments a record.
+# Per-source entries hold one field, the event packed by the client (see StoredEvent.pack): Redis
+# spends its time per field, and only this code reads them.
 _APPEND_LUA = """
-local STRIDE = 15
 local retention = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -40,9 +46,9 @@ if last then
 end
 local results = {}
 local offsets = {}
-for i = 2, #ARGV, STRIDE do
-  local okey = ARGV[i + 14]
-  local offset = tonumber(ARGV[i + 2])
+for _, r in ipairs(cmsgpack.unpack(ARGV[2])) do
+  local okey = r[15]
+  local offset = tonumber(r[3])
   local stored = -1
   if okey ~= '' then
     stored = offsets[okey]
@@ -52,30 +58,26 @@ for i = 2, #ARGV, STRIDE do
     results[#results + 1] = ''
   else
     if okey ~= '' then offsets[okey] = offset end
-    local kind = ARGV[i + 4]
+    local kind = r[5]
     if kind == '' then
       results[#results + 1] = ''
     else
       local ms, seq = now_ms, 0
       if ms <= last_ms then ms = last_ms; seq = last_seq + 1 end
       local id = string.format('%.0f', ms) .. '-' .. string.format('%.0f', seq)
-      local dkey = ARGV[i + 13]
+      local dkey = r[14]
       if dkey ~= '' and not redis.call('SET', dkey, id, 'NX', 'EX', retention) then
         results[#results + 1] = 'dup'
       else
         last_ms, last_seq = ms, seq
         redis.call('XADD', KEYS[1], 'MINID', '~', minid, id,
-          'event_id', id, 'type', kind, 'event', ARGV[i + 5], 'user', ARGV[i + 6],
-          'processInstanceUuid', ARGV[i + 7], 'broadcast', ARGV[i + 8], 'data', ARGV[i + 9],
-          'published_at', ARGV[i + 10], 'kafka_topic', ARGV[i], 'kafka_partition', ARGV[i + 1],
-          'kafka_offset', ARGV[i + 2], 'received_at', ARGV[i + 11], 'producer_id', ARGV[i + 3])
-        local skey = ARGV[i + 12]
+          'event_id', id, 'type', kind, 'event', r[6], 'user', r[7],
+          'processInstanceUuid', r[8], 'broadcast', r[9], 'data', r[10],
+          'published_at', r[11], 'kafka_topic', r[1], 'kafka_partition', r[2],
+          'kafka_offset', r[3], 'received_at', r[12], 'producer_id', r[4])
+        local skey = r[13]
         if skey ~= '' then
-          redis.call('XADD', skey, 'MINID', '~', minid, id,
-            'event_id', id, 'type', kind, 'event', ARGV[i + 5], 'user', ARGV[i + 6],
-            'processInstanceUuid', ARGV[i + 7], 'broadcast', ARGV[i + 8], 'data', ARGV[i + 9],
-            'published_at', ARGV[i + 10], 'kafka_topic', ARGV[i], 'kafka_partition', ARGV[i + 1],
-            'kafka_offset', ARGV[i + 2])
+          redis.call('XADD', skey, 'MINID', '~', minid, id, 'e', r[16])
           redis.call('EXPIRE', skey, retention + 60)
         end
         results[#results + 1] = id
@@ -89,6 +91,9 @@ if last_ms >= 0 then
 end
 return results
 """
+
+
+_REJECTED = [""] * 11  # a rejected record only moves its partition's stored offset
 
 
 def parse_id(event_id: str) -> tuple[int, int] | None:
@@ -140,12 +145,39 @@ class StoredEvent:
             kafka_offset=int(fields.get("kafka_offset") or -1),
         )
 
+    @staticmethod
+    def pack(event: Event, record: Record) -> bytes:
+        """The compact form kept in per-source streams; `from_packed` reads it back."""
+        return msgpack.packb(
+            [
+                event.type,
+                event.event,
+                event.user,
+                event.process_instance,
+                event.broadcast,
+                event.data_json,
+                record.timestamp_ms,
+                record.topic,
+                record.partition,
+                record.offset,
+            ]
+        )
+
+    @classmethod
+    def from_packed(cls, entry_id: str, packed: bytes) -> StoredEvent:
+        return cls(entry_id, *msgpack.unpackb(packed))
+
 
 def _entries(raw: Any) -> list[StoredEvent]:
     return [
         StoredEvent.from_fields(_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
         for entry_id, fields in raw
     ]
+
+
+def _source_entries(raw: Any) -> list[StoredEvent]:
+    """Per-source stream entries: one packed field `e` each."""
+    return [StoredEvent.from_packed(_text(entry_id), fields[b"e"]) for entry_id, fields in raw]
 
 
 def _text(value: bytes | str) -> str:
@@ -171,17 +203,20 @@ class EventStore:
         """Store a batch; for each record its new id, '' if its offset was stored before or it was
         rejected, 'dup' if its producer id was seen within retention."""
         received_ms = str(int(time.time() * 1000))
-        args: list[str | int] = [self.retention_seconds]
+        rows: list[list[str | bytes]] = []
         for record in records:
             ev = record.event
-            args += [record.topic, record.partition, record.offset]
+            coordinates = [record.topic, str(record.partition), str(record.offset)]
+            offset_key = routing.offset_key(record.topic, record.partition) if record.partition >= 0 else ""
             if ev is None:
-                args += [""] * 11
-            else:
-                source = routing.source_of(
-                    type=ev.type, user=ev.user, process_instance=ev.process_instance, broadcast=ev.broadcast
-                )
-                args += [
+                rows.append([*coordinates, *_REJECTED, offset_key, ""])
+                continue
+            source = routing.source_of(
+                type=ev.type, user=ev.user, process_instance=ev.process_instance, broadcast=ev.broadcast
+            )
+            rows.append(
+                [
+                    *coordinates,
                     ev.producer_id or "",
                     ev.type,
                     ev.event,
@@ -189,14 +224,27 @@ class EventStore:
                     ev.process_instance or "",
                     "true" if ev.broadcast else "false",
                     ev.data_json,
-                    record.timestamp_ms,
+                    str(record.timestamp_ms),
                     received_ms,
                     source or "",
                     routing.dedup_key(ev.producer_id) if ev.producer_id else "",
+                    offset_key,
+                    StoredEvent.pack(ev, record),
                 ]
-            args.append(routing.offset_key(record.topic, record.partition) if record.partition >= 0 else "")
-        result = await self._append(keys=[routing.EVENTS_STREAM, routing.LAST_ID_KEY], args=args)
-        return [_text(r) for r in result]
+            )
+        chunks = [
+            [self.retention_seconds, msgpack.packb(rows[i : i + APPEND_CHUNK], use_bin_type=False)]
+            for i in range(0, len(rows), APPEND_CHUNK)
+        ]
+        keys = [routing.EVENTS_STREAM, routing.LAST_ID_KEY]
+        if len(chunks) == 1:
+            results = [await self._append(keys=keys, args=chunks[0])]
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for chunk in chunks:
+                    await self._append(keys=keys, args=chunk, client=pipe)
+                results = await pipe.execute()
+        return [_text(r) for result in results for r in result]
 
     async def last_id(self) -> str:
         value = await self.redis.get(routing.LAST_ID_KEY)
@@ -222,7 +270,7 @@ class EventStore:
             start = f"({after}"
             while True:
                 batch: list[Any] = await self.redis.xrange(source, min=start, max=until, count=1000) or []
-                events += _entries(batch)
+                events += _source_entries(batch)
                 if len(batch) < 1000:
                     break
                 start = f"({_text(batch[-1][0])}"
