@@ -1,17 +1,143 @@
-"""Admin: streams and deliveries are read-only records; grants are editable."""
+"""Admin: streams, deliveries and rejected records are read-only records; grants are granted and revoked here.
+
+The audit tables hold millions of rows, so no page here reads a whole table: counts stop at a cap
+(PostgreSQL shows the planner's estimate for a whole table), filters offer values found by index seeks,
+the date hierarchy finds its first and last dates and its periods by one index seek each, searches are
+exact matches on indexed columns, and only indexed columns can be sorted on.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Callable
+from datetime import datetime
+from functools import cached_property
+from math import ceil
 from typing import Any
 
-from django.contrib import admin
-from django.http import HttpRequest
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
+from django.core.paginator import Paginator
+from django.db import models
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import reverse
+from django.utils.html import format_html
+from redis import RedisError
 
+from events import envelope
+from subscriptions import selectors, services
 from subscriptions.models import DeliveryAudit, Grant, RejectedRecord, Subscription
 
+# A changelist counts at most this many rows and pages at most this deep; narrow the list (date, filter,
+# search) to see further. Deep OFFSETs are as slow as counts, so the cap bounds both.
+COUNT_CAP = 10_000
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+
+class AtLeast(int):
+    """A count that stopped at the cap."""
+
+    def __str__(self) -> str:
+        return f"{int(self):,}+"
+
+
+class About(int):
+    """The planner's estimate of a whole table's rows."""
+
+    def __str__(self) -> str:
+        return f"about {int(self):,}"
+
+
+class CappedPaginator(Paginator):
+    """Counts at most `cap` + 1 rows, and offers pages only as deep as `cap` rows."""
+
+    cap = COUNT_CAP
+
+    @cached_property
+    def count(self) -> int:
+        queryset = self.object_list
+        assert isinstance(queryset, QuerySet)
+        estimate = selectors.count_estimated(queryset=queryset)
+        if estimate is not None and estimate > self.cap:
+            return About(estimate)
+        counted = selectors.count_capped(queryset=queryset, cap=self.cap)
+        return AtLeast(self.cap) if counted > self.cap else counted
+
+    @cached_property
+    def num_pages(self) -> int:
+        if self.count == 0 and not self.allow_empty_first_page:
+            return 0
+        hits = max(1, min(self.count, self.cap) - self.orphans)
+        return ceil(hits / self.per_page)
+
+
+class IndexedPeriodsQuerySet(QuerySet[Any]):
+    """The date hierarchy asks for the first and last dates and for the periods that have rows: answer
+    both by index seeks instead of scans."""
+
+    def aggregate(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if args or not kwargs or not all(_plain_min_or_max(a) for a in kwargs.values()):
+            return super().aggregate(*args, **kwargs)
+        return {
+            name: selectors.edge_value(
+                queryset=self, field=a.source_expressions[0].name, last=isinstance(a, models.Max)
+            )
+            for name, a in kwargs.items()
+        }
+
+    def datetimes(  # type: ignore[override]
+        self, field_name: str, kind: Any, order: Any = "ASC", tzinfo: Any = None
+    ) -> list[datetime] | QuerySet[Any]:
+        if kind in {"year", "month", "day"} and order == "ASC" and tzinfo is None:
+            return selectors.periods_with_rows(queryset=self, field=field_name, kind=kind)
+        return super().datetimes(field_name, kind, order, tzinfo)
+
+
+def _plain_min_or_max(aggregate: Any) -> bool:
+    sources = aggregate.source_expressions if isinstance(aggregate, models.Min | models.Max) else []
+    return (
+        len(sources) == 1 and isinstance(sources[0], models.F) and aggregate.filter is None and not aggregate.distinct
+    )
+
+
+class IndexOrderChangeList(ChangeList):
+    def get_ordering(self, request: HttpRequest, queryset: QuerySet[Any]) -> list[Any]:
+        ordering: list[Any] = super().get_ordering(request, queryset)
+        # Django breaks ties with "-pk" whichever way the list is sorted; breaking them in the direction of
+        # the first key lets one (field, id) index serve the whole ORDER BY, ascending or descending.
+        first = ordering[0] if ordering else None
+        if isinstance(first, str) and not first.startswith("-") and ordering[-1] == "-pk":
+            ordering[-1] = "pk"
+        return ordering
+
+
+class LargeTableAdmin(admin.ModelAdmin):
+    """Changelists that stay fast with millions of rows; searches go through `matching` (a selector)."""
+
+    paginator = CappedPaginator
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+    matching: Callable[..., QuerySet[Any]]
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return IndexOrderChangeList
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        queryset = super().get_queryset(request)
+        return IndexedPeriodsQuerySet(model=queryset.model, query=queryset.query, using=queryset.db)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
+    ) -> tuple[QuerySet[Any], bool]:
+        for term in search_term.split():
+            queryset = self.matching(queryset=queryset, term=term.strip("\"'"))
+        return queryset, False
+
+
+class ReadOnlyAdmin(LargeTableAdmin):
+    """Records of what happened: staff with the view permission may look, nobody may add, edit or delete."""
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -23,32 +149,356 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+def _changelist(model: type[models.Model], **params: object) -> str:
+    query = "&".join(f"{key}={value}" for key, value in params.items())
+    return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist") + f"?{query}"
+
+
+def _change(obj: models.Model) -> str:
+    return reverse(f"admin:{obj._meta.app_label}_{obj._meta.model_name}_change", args=[obj.pk])
+
+
+# --- filters ---------------------------------------------------------------------------------------------
+class StreamStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("open", "open streams"), ("closed", "closed streams")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "open":
+            return queryset.filter(closed_at__isnull=True)
+        if self.value() == "closed":
+            return queryset.filter(closed_at__isnull=False)
+        return queryset
+
+
+class IndexedValuesFilter(admin.SimpleListFilter):
+    """Offers the distinct values of an indexed column, found by one index seek each."""
+
+    field: str
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(v, v) for v in selectors.distinct_values(model=model_admin.model, field=self.field)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        return queryset.filter(**{self.field: value}) if value else queryset
+
+
+class InstanceFilter(IndexedValuesFilter):
+    title = "serving instance"
+    parameter_name = field = "instance"
+
+
+class TopicFilter(IndexedValuesFilter):
+    title = "topic"
+    parameter_name = field = "topic"
+
+
+class AuthMethodFilter(admin.SimpleListFilter):
+    title = "authenticated by"
+    parameter_name = "auth_method"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("session", "session cookie"), ("bearer", "bearer token"), ("ticket", "ticket")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(auth_method=self.value()) if self.value() else queryset
+
+
+class ReasonFilter(admin.SimpleListFilter):
+    title = "reason"
+    parameter_name = "reason"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(r.value, r.value.replace("_", " ")) for r in envelope.Rejection]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(reason=self.value()) if self.value() else queryset
+
+
+class GrantStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("active", "active"), ("revoked", "revoked")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "active":
+            return queryset.filter(revoked_at__isnull=True)
+        if self.value() == "revoked":
+            return queryset.filter(revoked_at__isnull=False)
+        return queryset
+
+
+# --- streams ---------------------------------------------------------------------------------------------
 @admin.register(Subscription)
 class SubscriptionAdmin(ReadOnlyAdmin):
-    list_display = ("id", "user", "opened_at", "closed_at", "close_reason", "events_delivered", "instance")
-    list_filter = ("close_reason", "auth_method")
-    search_fields = ("=id", "=user")
+    matching = staticmethod(selectors.subscriptions_matching)
+    list_display = (
+        "id",
+        "user",
+        "is_open",
+        "opened_at",
+        "closed_at",
+        "close_reason",
+        "instance",
+        "auth_method",
+        "events_delivered",
+        "deliveries_link",
+    )
+    list_filter = (StreamStateFilter, InstanceFilter, "close_reason", AuthMethodFilter)
+    search_fields = ("id", "user", "instance")
+    search_help_text = "Exact stream id, user or serving instance (host:pid)."
     date_hierarchy = "opened_at"
+    ordering = ("-opened_at",)
+    sortable_by = ("opened_at",)
+    fields = (
+        "id",
+        "user",
+        "process_instances",
+        "auth_method",
+        "opened_at",
+        "closed_at",
+        "close_reason",
+        "resumed_from",
+        "last_event_id",
+        "events_delivered",
+        "deliveries_link",
+        "client_address",
+        "user_agent",
+        "instance",
+    )
+    readonly_fields = fields
+
+    @admin.display(boolean=True, description="open")
+    def is_open(self, obj: Subscription) -> bool:
+        return obj.closed_at is None
+
+    @admin.display(description="deliveries")
+    def deliveries_link(self, obj: Subscription) -> str:
+        return format_html('<a href="{}">deliveries</a>', _changelist(DeliveryAudit, subscription__exact=obj.pk))
 
 
+# --- deliveries ------------------------------------------------------------------------------------------
 @admin.register(DeliveryAudit)
 class DeliveryAuditAdmin(ReadOnlyAdmin):
-    list_display = ("event_id", "event", "status", "user", "process_instance", "subscription", "sent_at", "latency_ms")
+    matching = staticmethod(selectors.deliveries_matching)
+    list_display = (
+        "event_id",
+        "sent_at",
+        "status",
+        "event",
+        "stream_user",
+        "stream_link",
+        "process_instance",
+        "latency_ms",
+        "stream_instance",
+    )
     list_filter = ("status",)
-    search_fields = ("=event_id", "=user", "=process_instance")
-    date_hierarchy = "sent_at"
     list_select_related = ("subscription",)
+    search_fields = ("event_id", "process_instance", "subscription__user")
+    search_help_text = "Exact event id, user (deliveries on that user's streams), process instance, or stream id."
+    date_hierarchy = "sent_at"
+    ordering = ("-sent_at",)
+    sortable_by = ("sent_at",)
+    fields = (
+        "event_id",
+        "event",
+        "status",
+        "sent_at",
+        "latency_ms",
+        "stream_link",
+        "stream_user",
+        "stream_instance",
+        "same_event_link",
+        "user",
+        "process_instance",
+        "kafka_record",
+        "stored_event",
+    )
+    readonly_fields = fields
+
+    @admin.display(description="stream user")
+    def stream_user(self, obj: DeliveryAudit) -> str:
+        return obj.subscription.user
+
+    @admin.display(description="instance")
+    def stream_instance(self, obj: DeliveryAudit) -> str:
+        return obj.subscription.instance
+
+    @admin.display(description="stream")
+    def stream_link(self, obj: DeliveryAudit) -> str:
+        return format_html(
+            '<a href="{}">{}</a>',
+            reverse("admin:subscriptions_subscription_change", args=[obj.subscription_id]),
+            obj.subscription_id,
+        )
+
+    @admin.display(description="all deliveries of this event")
+    def same_event_link(self, obj: DeliveryAudit) -> str:
+        return format_html(
+            '<a href="{}">every stream that got {}</a>', _changelist(DeliveryAudit, event_id=obj.event_id), obj.event_id
+        )
+
+    @admin.display(description="Kafka record")
+    def kafka_record(self, obj: DeliveryAudit) -> str:
+        if obj.kafka_partition is None or obj.kafka_offset is None:
+            return f"none: made by the gateway ({obj.kafka_topic})" if obj.kafka_topic else "none"
+        return f"{obj.kafka_topic}/{obj.kafka_partition}/{obj.kafka_offset}"
+
+    @admin.display(description="stored event (Redis, within retention)")
+    def stored_event(self, obj: DeliveryAudit) -> str:
+        try:
+            stored = selectors.stored_event_get(event_id=obj.event_id)
+        except (RedisError, OSError) as exc:
+            return f"Redis could not be reached: {exc}"
+        if stored is None:
+            return "no longer stored (older than EVENTS_RETENTION_SECONDS)"
+        shown: dict[str, Any] = dict(stored)
+        with contextlib.suppress(ValueError, KeyError):
+            shown["data"] = json.loads(stored["data"])
+        return format_html("<pre>{}</pre>", json.dumps(shown, indent=2, ensure_ascii=False))
 
 
+# --- rejected records ------------------------------------------------------------------------------------
 @admin.register(RejectedRecord)
 class RejectedRecordAdmin(ReadOnlyAdmin):
-    list_display = ("received_at", "topic", "partition", "offset", "reason", "detail")
-    list_filter = ("reason", "topic")
+    matching = staticmethod(selectors.rejected_records_matching)
+    list_display = ("received_at", "coordinates", "reason", "short_detail", "value_size")
+    list_filter = (ReasonFilter, TopicFilter)
+    search_fields = ("topic", "reason")
+    search_help_text = "topic/partition/offset, or an exact topic or reason."
     date_hierarchy = "received_at"
+    ordering = ("-received_at",)
+    sortable_by = ("received_at",)
+    fields = (
+        "received_at",
+        "coordinates",
+        "reason",
+        "detail",
+        "key",
+        "value_size",
+        "value_preview_pre",
+        "headers",
+    )
+    readonly_fields = fields
+
+    @admin.display(description="Kafka record")
+    def coordinates(self, obj: RejectedRecord) -> str:
+        return f"{obj.topic}/{obj.partition}/{obj.offset}"
+
+    @admin.display(description="detail")
+    def short_detail(self, obj: RejectedRecord) -> str:
+        return obj.detail if len(obj.detail) <= 120 else obj.detail[:119] + "…"
+
+    @admin.display(description="value (first 4 KiB)")
+    def value_preview_pre(self, obj: RejectedRecord) -> str:
+        return format_html("<pre>{}</pre>", obj.value_preview)
+
+
+# --- grants ----------------------------------------------------------------------------------------------
+class GrantAddForm(forms.ModelForm):
+    class Meta:
+        model = Grant
+        fields = ("user", "process_instance")
+
+    def clean_process_instance(self) -> str:
+        value: str = self.cleaned_data["process_instance"]
+        if not envelope.PROCESS_INSTANCE.match(value):
+            raise forms.ValidationError("Use letters, digits and _ . : - only (as in Kafka records).")
+        return value
+
+    def clean(self) -> dict[str, Any]:
+        data: dict[str, Any] = super().clean() or {}
+        user, process_instance = data.get("user"), data.get("process_instance")
+        if user and process_instance and selectors.grant_active_exists(user=user, process_instance=process_instance):
+            raise forms.ValidationError(f"{user} already holds an active grant for {process_instance}.")
+        return data
+
+
+class GrantRevokeForm(forms.ModelForm):
+    revoke = forms.BooleanField(
+        required=False,
+        label="Revoke now",
+        help_text="Ends the grant: the user's open streams following this process instance get `unsubscribed`.",
+    )
+
+    class Meta:
+        model = Grant
+        fields = ()
+
+
+GRANT_FIELDS = ("user", "process_instance", "source", "granted_at", "granted_by", "revoked_at", "revoked_by")
 
 
 @admin.register(Grant)
-class GrantAdmin(admin.ModelAdmin):
-    list_display = ("user", "process_instance", "source", "granted_at", "granted_by", "revoked_at")
-    list_filter = ("source",)
-    search_fields = ("=user", "=process_instance")
+class GrantAdmin(LargeTableAdmin):
+    """Granting and revoking here act on open streams as `connect` / `disconnect` records do."""
+
+    matching = staticmethod(selectors.grants_matching)
+    list_display = ("user", "process_instance", "active", "source", "granted_at", "granted_by", "revoked_at")
+    list_filter = (GrantStateFilter, "source")
+    search_fields = ("user", "process_instance")
+    search_help_text = "Exact user or process instance."
+    ordering = ("-granted_at",)
+    sortable_by = ("granted_at",)
+    actions = ("revoke_selected",)
+
+    @admin.display(boolean=True, description="active")
+    def active(self, obj: Grant) -> bool:
+        return obj.active
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # revoke instead: grants are the record of who could follow what, and when
+
+    def get_fields(self, request: HttpRequest, obj: Grant | None = None) -> Any:
+        if obj is None:
+            return ("user", "process_instance")
+        return (*GRANT_FIELDS, "revoke") if obj.active else GRANT_FIELDS
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Grant | None = None) -> Any:
+        return () if obj is None else GRANT_FIELDS
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        kwargs["form"] = GrantAddForm if obj is None else GrantRevokeForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def save_model(self, request: HttpRequest, obj: Grant, form: Any, change: bool) -> None:
+        admin_name = request.user.get_username()
+        if not change:
+            created = services.grant_create_from_admin(
+                user=obj.user, process_instance=obj.process_instance, admin=admin_name
+            )
+            for name in ("id", "granted_at", "granted_by", "source"):
+                setattr(obj, name, getattr(created, name))
+            obj._state.adding = False
+        elif form.cleaned_data.get("revoke"):
+            services.grant_revoke_from_admin(grant_ids=[obj.pk], admin=admin_name)
+            obj.refresh_from_db()
+
+    def changeform_view(
+        self,
+        request: HttpRequest,
+        object_id: str | None = None,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        try:
+            return super().changeform_view(request, object_id, form_url, extra_context)
+        except services.GrantChangeFailed as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
+
+    @admin.action(description="Revoke selected grants", permissions=["change"])
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[Grant]) -> None:
+        ids = list(queryset.filter(revoked_at__isnull=True).values_list("pk", flat=True))
+        try:
+            revoked = services.grant_revoke_from_admin(grant_ids=ids, admin=request.user.get_username())
+        except services.GrantChangeFailed as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return
+        self.message_user(request, f"Revoked {revoked} grant(s); open streams following them were sent `unsubscribed`.")

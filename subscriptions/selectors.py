@@ -1,10 +1,31 @@
-"""Reads used on the stream's way in."""
+"""Reads: grants on the stream's way in, and what the admin asks of tables with millions of rows.
+
+The admin helpers never scan a whole audit table: counts stop at a cap, the values a filter offers and the
+periods a date hierarchy offers are found by index seeks (one per value), and searches are exact matches
+on indexed columns.
+"""
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
 
-from subscriptions.models import Grant
+import redis
+from django.conf import settings
+from django.db import connections, models
+from django.db.models import Q
+from django.utils import timezone
+
+from events import routing
+from subscriptions.models import DeliveryAudit, Grant, RejectedRecord, Subscription
+
+EVENT_ID = re.compile(r"^\d{1,15}-\d{1,15}$")
+KAFKA_COORDINATES = re.compile(r"^(?P<topic>.+)/(?P<partition>\d{1,9})/(?P<offset>\d{1,18})$")
+# A date hierarchy lists at most this many periods (a day level has at most 31; years, a handful).
+MAX_PERIODS = 400
 
 
 def grants_missing(*, user: str, process_instances: Sequence[str]) -> list[str]:
@@ -17,3 +38,166 @@ def grants_missing(*, user: str, process_instances: Sequence[str]) -> list[str]:
         )
     )
     return [p for p in process_instances if p not in granted]
+
+
+def grant_active_exists(*, user: str, process_instance: str) -> bool:
+    return Grant.objects.filter(user=user, process_instance=process_instance, revoked_at__isnull=True).exists()
+
+
+# --- counting and listing without full scans -------------------------------------------------------------
+def count_capped(*, queryset: models.QuerySet[Any], cap: int) -> int:
+    """min(rows of `queryset`, cap + 1): reads at most cap + 1 index entries."""
+    return queryset.order_by().values("pk")[: cap + 1].count()
+
+
+def count_estimated(*, queryset: models.QuerySet[Any]) -> int | None:
+    """The planner's row estimate of an unfiltered table on PostgreSQL (kept by ANALYZE/autovacuum);
+    None when the queryset is filtered, the database is not PostgreSQL, or the table was never analysed."""
+    connection = connections[queryset.db]
+    if connection.vendor != "postgresql" or queryset.query.where:
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+            [connection.ops.quote_name(queryset.model._meta.db_table)],
+        )
+        row = cursor.fetchone()
+    return int(row[0]) if row and row[0] is not None and row[0] >= 0 else None
+
+
+def distinct_values(*, model: type[models.Model], field: str, limit: int = 100) -> list[str]:
+    """The distinct non-empty values of an indexed column, in order, by one index seek per value
+    (a recursive "loose index scan"; SELECT DISTINCT would read every row)."""
+    connection = connections[model._default_manager.db]
+    qn = connection.ops.quote_name
+    db_field = model._meta.get_field(field)
+    assert isinstance(db_field, models.Field)
+    column, table = qn(db_field.column), qn(model._meta.db_table)
+    sql = (
+        f"WITH RECURSIVE v(x) AS (SELECT MIN({column}) FROM {table} WHERE {column} > %s"  # noqa: S608
+        f" UNION ALL SELECT (SELECT MIN({column}) FROM {table} WHERE {column} > v.x) FROM v WHERE v.x IS NOT NULL)"
+        " SELECT x FROM v WHERE x IS NOT NULL LIMIT %s"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, ["", limit])
+        return [row[0] for row in cursor.fetchall()]
+
+
+def edge_value(*, queryset: models.QuerySet[Any], field: str, last: bool = False) -> Any:
+    """MIN (or, with last, MAX) of an indexed column, as ORDER BY … LIMIT 1: one index seek on every engine
+    (SQLite reads the whole index for MIN and MAX in one query, or for MIN under a second range condition)."""
+    ordered = queryset.filter(**{f"{field}__isnull": False}).order_by(f"-{field}" if last else field)
+    return ordered.values_list(field, flat=True).first()
+
+
+def periods_with_rows(*, queryset: models.QuerySet[Any], field: str, kind: str) -> list[datetime]:
+    """The years, months or days (current time zone) in which `queryset` has rows, like
+    QuerySet.datetimes(field, kind), but by one indexed MIN() per period found instead of a full scan."""
+    tz = timezone.get_current_timezone()
+    base = queryset.order_by()
+    found: list[datetime] = []
+    lower: datetime | None = None
+    while len(found) < MAX_PERIODS:
+        # The new lower bound goes first: given two on one column, SQLite seeks to the first one written.
+        rows = base if lower is None else queryset.model._default_manager.filter(**{f"{field}__gte": lower}) & base
+        first = edge_value(queryset=rows, field=field)
+        if first is None:
+            break
+        start = _period_start(timezone.localtime(first, tz), kind)
+        found.append(start)
+        lower = _next_period(start, kind)
+    return found
+
+
+def _period_start(moment: datetime, kind: str) -> datetime:
+    if kind == "year":
+        return moment.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
+    if kind == "month":
+        return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _next_period(start: datetime, kind: str) -> datetime:
+    if kind == "year":
+        return start.replace(year=start.year + 1)
+    if kind == "month":
+        return start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+    naive = start.replace(tzinfo=None) + timedelta(days=1)
+    return naive.replace(tzinfo=start.tzinfo)
+
+
+# --- admin searches: exact matches on indexed columns ----------------------------------------------------
+def _as_uuid(term: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(term)
+    except ValueError:
+        return None
+
+
+def deliveries_matching(*, queryset: models.QuerySet[DeliveryAudit], term: str) -> models.QuerySet[DeliveryAudit]:
+    """Deliveries of event `term`, or of process instance `term`, or on stream `term`, or to user `term`
+    (the deliveries on that user's streams, whoever the event was addressed to)."""
+    if EVENT_ID.match(term):
+        return queryset.filter(event_id=term)
+    parts: list[Q] = []
+    stream_id = _as_uuid(term)
+    if stream_id is not None:
+        parts.append(Q(subscription_id=stream_id))
+    if DeliveryAudit.objects.filter(process_instance=term).exists():
+        parts.append(Q(process_instance=term))
+    if Subscription.objects.filter(user=term).exists():
+        # A subquery, not a join: each of the user's streams is a range of audit_sub_sent.
+        parts.append(Q(subscription__in=Subscription.objects.filter(user=term).values("pk")))
+    if not parts:
+        return queryset.none()
+    query = parts[0]
+    for part in parts[1:]:
+        query |= part
+    return queryset.filter(query)
+
+
+def subscriptions_matching(*, queryset: models.QuerySet[Subscription], term: str) -> models.QuerySet[Subscription]:
+    """Stream `term`, or the streams of user `term`, or those served by instance `term`."""
+    query = Q(user=term) | Q(instance=term)
+    stream_id = _as_uuid(term)
+    if stream_id is not None:
+        query |= Q(pk=stream_id)
+    return queryset.filter(query)
+
+
+def grants_matching(*, queryset: models.QuerySet[Grant], term: str) -> models.QuerySet[Grant]:
+    """Grants of user `term` or for process instance `term`."""
+    return queryset.filter(Q(user=term) | Q(process_instance=term))
+
+
+def rejected_records_matching(
+    *, queryset: models.QuerySet[RejectedRecord], term: str
+) -> models.QuerySet[RejectedRecord]:
+    """The record at `topic/partition/offset`, or the records of topic `term`, or rejected for reason `term`."""
+    coordinates = KAFKA_COORDINATES.match(term)
+    if coordinates:
+        return queryset.filter(
+            topic=coordinates["topic"], partition=int(coordinates["partition"]), offset=int(coordinates["offset"])
+        )
+    return queryset.filter(Q(topic=term) | Q(reason=term))
+
+
+# --- the accepted record behind a delivery -------------------------------------------------------------
+def stored_event_get(*, event_id: str) -> dict[str, str] | None:
+    """The event as stored in Redis (`events-gateway:events`), or None once retention dropped it.
+
+    Raises redis.RedisError when Redis cannot be reached.
+    """
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        entries = client.xrange(routing.EVENTS_STREAM, min=event_id, max=event_id, count=1)
+    finally:
+        client.close()
+    if not entries:
+        return None
+    _, fields = entries[0]
+    return {_text(k): _text(v) for k, v in (fields or {}).items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import IntegrityError, transaction
+from django.db.models import Exists, OuterRef
+from django.utils import timezone
+from redis import RedisError
 
+from events import control
 from subscriptions.models import DeliveryAudit, Grant, RejectedRecord, Subscription
 
 
@@ -54,3 +60,108 @@ def streams_record(
                 last_event_id=sub.last_event_id,
                 events_delivered=sub.events_delivered,
             )
+
+
+# --- grants changed by hand in the admin -----------------------------------------------------------------
+class GrantChangeFailed(Exception):
+    """The grant change could not be announced to open streams, so it was not made."""
+
+
+def grant_create_from_admin(*, user: str, process_instance: str, admin: str) -> Grant:
+    """Grant `user` `process_instance` and tell open streams, as a `connect` record would.
+
+    The row and the connect event are stored together: if Redis is unreachable nothing changes and
+    GrantChangeFailed says why. Raises IntegrityError if an active grant already exists.
+    """
+    with transaction.atomic():
+        grant = Grant.objects.create(
+            user=user,
+            process_instance=process_instance,
+            granted_at=timezone.now(),
+            granted_by=f"admin {admin}"[:255],
+            source=Grant.Source.ADMIN,
+        )
+        _announce(grant, granted=True)
+    return grant
+
+
+def grant_revoke_from_admin(*, grant_ids: Sequence[int], admin: str) -> int:
+    """End the active grants among `grant_ids`; each one's open streams get `unsubscribed`.
+
+    One short transaction per grant, holding its row until its disconnect event is stored (a stream
+    opened in that window of milliseconds may still see the grant). Returns how many were ended;
+    raises GrantChangeFailed at the first that could not be announced (those before it stay ended).
+    """
+    revoked = 0
+    for grant_id in grant_ids:
+        with transaction.atomic():
+            grant = Grant.objects.select_for_update().filter(pk=grant_id, revoked_at__isnull=True).first()
+            if grant is None:
+                continue
+            grant.revoked_at = timezone.now()
+            grant.revoked_by = f"admin {admin}"[:255]
+            grant.save(update_fields=["revoked_at", "revoked_by"])
+            try:
+                _announce(grant, granted=False)
+            except GrantChangeFailed as exc:
+                if revoked:
+                    raise GrantChangeFailed(f"{exc} ({revoked} grant(s) before it were ended)") from exc
+                raise
+        revoked += 1
+    return revoked
+
+
+def _announce(grant: Grant, *, granted: bool) -> None:
+    try:
+        control.store_grant_change(user=grant.user, process_instance=grant.process_instance, granted=granted)
+    except (RedisError, OSError) as exc:
+        raise GrantChangeFailed(f"open streams could not be told, so {grant} was not changed: {exc}") from exc
+
+
+# --- retention ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PurgeResult:
+    audits: int
+    subscriptions: int
+    rejected_records: int
+    chunks: int
+    longest_chunk_seconds: float = 0.0
+
+
+def audits_purge(*, before: datetime, chunk_size: int = 5000, dry_run: bool = False) -> PurgeResult:
+    """Delete delivery audits and rejected records older than `before`, and the closed streams older than
+    it that have no audits left, `chunk_size` rows per short transaction so no table is locked for long.
+
+    With dry_run, count what would go and delete nothing. Grants are kept: they are the access history.
+    """
+    old_audits = DeliveryAudit.objects.filter(sent_at__lt=before)
+    old_rejected = RejectedRecord.objects.filter(received_at__lt=before)
+    # opened_at bounds the scan to old rows through sub_opened; closed_at < before implies opened_at < before.
+    old_streams = Subscription.objects.filter(opened_at__lt=before, closed_at__lt=before).filter(
+        ~Exists(DeliveryAudit.objects.filter(subscription=OuterRef("pk")))
+    )
+    if dry_run:
+        audits = old_audits.count()
+        # The streams whose audits would all be gone.
+        streams = (
+            Subscription.objects.filter(opened_at__lt=before, closed_at__lt=before)
+            .exclude(Exists(DeliveryAudit.objects.filter(subscription=OuterRef("pk"), sent_at__gte=before)))
+            .count()
+        )
+        return PurgeResult(audits, streams, old_rejected.count(), 0)
+    chunks, longest = 0, 0.0
+    counts: list[int] = []
+    for rows, order in ((old_audits, "sent_at"), (old_streams, "opened_at"), (old_rejected, "received_at")):
+        total = 0
+        while True:
+            started = time.monotonic()
+            with transaction.atomic():
+                ids = list(rows.order_by(order).values_list("pk", flat=True)[:chunk_size])
+                if not ids:
+                    break
+                _, deleted = rows.model._default_manager.filter(pk__in=ids).delete()
+            longest = max(longest, time.monotonic() - started)
+            total += deleted.get(rows.model._meta.label, 0)
+            chunks += 1
+        counts.append(total)
+    return PurgeResult(counts[0], counts[1], counts[2], chunks, longest)
