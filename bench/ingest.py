@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ def envelope(n: int, rng: random.Random) -> tuple[bytes, bytes]:
     """A realistic mix: user notifications, process-instance updates (some for one user), broadcasts."""
     process = f"3f1c{rng.randrange(2000):04d}-8f2a-4c1e-9d7b-2a6e5c4b{n % 97:04d}"
     kind = n % 10
+    value: dict[str, Any]
     if kind < 5:
         value = {
             "event": "ProcessMetadata",
@@ -137,20 +137,23 @@ async def gateway_consumer(bootstrap: str, topic: str, redis_url: str, count: in
         "CONSUMER_METRICS_PORT": "0",
         "LOG_LEVEL": "WARNING",
     }
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
-    proc = subprocess.Popen(
-        [sys.executable, "manage.py", "run_consumer", "--metrics-port", str(free_port())], cwd=ROOT, env=env
+    migrate = await asyncio.create_subprocess_exec(sys.executable, "manage.py", "migrate", "-v", "0", cwd=ROOT, env=env)
+    if await migrate.wait() != 0:
+        raise RuntimeError("migrate failed")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "manage.py", "run_consumer", "--metrics-port", str(free_port()), cwd=ROOT, env=env
     )
     client = aioredis.from_url(redis_url, decode_responses=True)
     try:
         ps = psutil.Process(proc.pid)
         while await client.xlen("events-gateway:events") < count:
-            if proc.poll() is not None:
+            if proc.returncode is not None:
                 raise RuntimeError(f"run_consumer exited with {proc.returncode}")
             await asyncio.sleep(0.2)
         cpu = ps.cpu_times()
-        [(_, first)] = await client.xrange("events-gateway:events", count=1)
-        [(_, last)] = await client.xrevrange("events-gateway:events", count=1)
+        head: Any = await client.xrange("events-gateway:events", count=1)
+        tail: Any = await client.xrevrange("events-gateway:events", count=1)
+        first, last = head[0][1], tail[0][1]
         seconds = (int(last["received_at"]) - int(first["received_at"])) / 1000
         return {
             "events_per_s": (count - 1) / seconds,
@@ -159,7 +162,7 @@ async def gateway_consumer(bootstrap: str, topic: str, redis_url: str, count: in
         }
     finally:
         proc.terminate()
-        proc.wait(15)
+        await asyncio.wait_for(proc.wait(), 15)
         await client.aclose()
 
 
