@@ -104,22 +104,27 @@ class AuditWriter:
 def _write(pending: _Pending) -> None:
     close_old_connections()
     try:
-        audits = (
-            DeliveryAudit(
-                subscription_id=stream_id,
-                event_id=ev.id,
-                event=ev.event,
-                status=status,
-                user=ev.user or "",
-                process_instance=ev.process_instance or "",
-                kafka_topic=ev.kafka_topic,
-                kafka_partition=ev.kafka_partition if ev.kafka_partition >= 0 else None,
-                kafka_offset=ev.kafka_offset if ev.kafka_offset >= 0 else None,
-                sent_at=datetime.fromtimestamp(sent_at, UTC),
-                latency_ms=max(0.0, sent_at * 1000 - ev.published_ms) if ev.published_ms else None,
+        times: dict[float, datetime] = {}
+        rows = []
+        for stream_id, ev, status, sent_at in pending.deliveries:
+            when = times.get(sent_at)
+            if when is None:
+                when = times[sent_at] = datetime.fromtimestamp(sent_at, UTC)
+            rows.append(
+                (
+                    stream_id,
+                    ev.id,
+                    ev.event,
+                    status,
+                    ev.user or "",
+                    ev.process_instance or "",
+                    ev.kafka_topic,
+                    ev.kafka_partition if ev.kafka_partition >= 0 else None,
+                    ev.kafka_offset if ev.kafka_offset >= 0 else None,
+                    when,
+                    max(0.0, sent_at * 1000 - ev.published_ms) if ev.published_ms else None,
+                )
             )
-            for stream_id, ev, status, sent_at in pending.deliveries
-        )
-        services.streams_record(opened=pending.opened, audits=audits, closed=pending.closed)
+        services.streams_record(opened=pending.opened, deliveries=rows, closed=pending.closed)
     finally:
         close_old_connections()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 from redis import RedisError
@@ -46,13 +48,30 @@ def subscriptions_close_orphaned(*, instance: str, closed_at: datetime) -> int:
     )
 
 
+# The columns of a delivery row, in the order delivery rows are given to streams_record.
+DELIVERY_COLUMNS = (
+    "subscription",
+    "event_id",
+    "event",
+    "status",
+    "user",
+    "process_instance",
+    "kafka_topic",
+    "kafka_partition",
+    "kafka_offset",
+    "sent_at",
+    "latency_ms",
+)
+DeliveryRow = tuple[str, str, str, str, str, str, str, int | None, int | None, datetime, float | None]
+
+
 def streams_record(
-    *, opened: Sequence[Subscription], audits: Iterable[DeliveryAudit], closed: Sequence[Subscription]
+    *, opened: Sequence[Subscription], deliveries: Sequence[DeliveryRow], closed: Sequence[Subscription]
 ) -> None:
     """Write what streams did since the last flush: new streams, their deliveries, then closings."""
     with transaction.atomic():
         Subscription.objects.bulk_create(opened, batch_size=1000)
-        DeliveryAudit.objects.bulk_create(list(audits), batch_size=2000)
+        _deliveries_insert(deliveries)
         for sub in closed:
             Subscription.objects.filter(pk=sub.pk).update(
                 closed_at=sub.closed_at,
@@ -60,6 +79,34 @@ def streams_record(
                 last_event_id=sub.last_event_id,
                 events_delivered=sub.events_delivered,
             )
+
+
+def _deliveries_insert(rows: Sequence[DeliveryRow]) -> None:
+    """One INSERT executed for many rows, without model instances: a row per delivery makes this the
+    audit's hot path, and building model instances costs several times the insert itself."""
+    if not rows:
+        return
+    meta = DeliveryAudit._meta
+    fields = [meta.get_field(name) for name in DELIVERY_COLUMNS]
+    columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)  # type: ignore[union-attr]
+    placeholders = ", ".join(["%s"] * len(fields))
+    sql = f"INSERT INTO {connection.ops.quote_name(meta.db_table)} ({columns}) VALUES ({placeholders})"  # noqa: S608
+    stream_field, sent_field = fields[0], fields[9]
+    streams: dict[str, Any] = {}
+    times: dict[datetime, Any] = {}
+    params: list[Any] = []
+    for row in rows:
+        stream = streams.get(row[0])
+        if stream is None:
+            stream = streams[row[0]] = stream_field.get_db_prep_value(  # type: ignore[union-attr]
+                uuid.UUID(row[0]), connection
+            )
+        sent = times.get(row[9])
+        if sent is None:
+            sent = times[row[9]] = sent_field.get_db_prep_value(row[9], connection)  # type: ignore[union-attr]
+        params.append((stream, *row[1:9], sent, row[10]))
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, params)
 
 
 # --- grants changed by hand in the admin -----------------------------------------------------------------
