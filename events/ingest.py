@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 MAX_BATCH = 5000
 # How long a fetch waits for records; an idle consumer wakes this often to check for a stop request.
 FETCH_WAIT_MS = 500
+# How long the broker may hold a fetch open when it has nothing: it bounds the latency an idle topic adds
+# (brokers that do not answer early when records arrive made the 500 ms default cost ~120 ms a record).
+BROKER_WAIT_MS = 10
 
 Message: TypeAlias = ConsumerRecord[bytes, bytes]
 Batch: TypeAlias = dict[TopicPartition, list[Message]]
@@ -101,6 +104,7 @@ class IngestService:
             group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            fetch_max_wait_ms=BROKER_WAIT_MS,
         )
         self.consumer.subscribe(self.topics, listener=_Rebalance())
         await self.consumer.start()
