@@ -30,29 +30,34 @@ def metric(url: str, name: str, labels: str = "") -> float:
     return float(match[1]) if match else 0.0
 
 
+@pytest.fixture(scope="module")
+def two_of_each(kafka: KafkaBroker, db_url: str) -> Iterator[Gateway]:
+    """Two web processes and two consumers sharing a 4-partition topic, for the module's tests."""
+    with RedisServer() as server:
+        gw = Gateway(
+            bootstrap=kafka.bootstrap,
+            redis_url=server.url,
+            database_url=db_url,
+            partitions=4,
+            extra_env={"EVENTS_MAX_STREAMS_PER_USER": "2", "CORS_ALLOWED_ORIGINS": "https://renderer.example"},
+        )
+        asyncio.run(gw.create_topics())
+        try:
+            gw.start_web()
+            gw.start_web()
+            gw.start_consumer(wait=False)
+            gw.start_consumer(wait=False)
+            for proc, port in gw.consumers:
+                gw.wait_consumer(proc, port)
+            yield gw
+        finally:
+            gw.stop()
+
+
 @pytest_asyncio.fixture
-async def deployment(kafka: KafkaBroker, redis_server: RedisServer, db_url: str) -> AsyncIterator[Gateway]:
-    """Two web processes and two consumers sharing a 4-partition topic."""
-    gw = Gateway(
-        bootstrap=kafka.bootstrap,
-        redis_url=redis_server.url,
-        database_url=db_url,
-        partitions=4,
-        extra_env={"EVENTS_MAX_STREAMS_PER_USER": "2", "CORS_ALLOWED_ORIGINS": "https://renderer.example"},
-    )
-    await gw.create_topics()
-    try:
-        gw.start_web()
-        gw.start_web()
-        first = gw.start_consumer(wait=False)
-        second = gw.start_consumer(wait=False)
-        for proc, port in gw.consumers:
-            gw.wait_consumer(proc, port)
-        assert first is not second
-        yield gw
-    finally:
-        gw.stop()
-        await gw.close_producer()
+async def deployment(two_of_each: Gateway) -> AsyncIterator[Gateway]:
+    yield two_of_each
+    await two_of_each.close_producer()  # it belongs to this test's event loop
 
 
 async def test_every_stream_on_every_web_process_gets_its_events(deployment: Gateway) -> None:
