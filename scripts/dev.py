@@ -144,7 +144,7 @@ def main() -> None:
             f"\n  events-gateway is running at {base}/\n"
             f"  demo page:   {base}/demo/          (log in as {DEMO_USER} / {DEMO_PASSWORD})\n"
             f"  admin:       {base}/admin/         (same user; it is a superuser)\n"
-            f"  publish:     REDIS_URL={env['REDIS_URL']} KAFKA_BOOTSTRAP_SERVERS={env['KAFKA_BOOTSTRAP_SERVERS']} "
+            f"  publish:     DJANGO_DEBUG=true KAFKA_BOOTSTRAP_SERVERS={env['KAFKA_BOOTSTRAP_SERVERS']} "
             f".venv/bin/python manage.py publish_event --user {DEMO_USER} --event Data --data '{{\"x\": 1}}'\n"
             f"  Redis {env['REDIS_URL']}, Kafka {env['KAFKA_BOOTSTRAP_SERVERS']}; Ctrl-C stops everything.\n",
             flush=True,
@@ -152,8 +152,10 @@ def main() -> None:
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
-        failed = [child.args for child in children if child.poll() is not None]
-        print(f"a gateway process exited: {failed}; stopping", file=sys.stderr)
+        # Ctrl-C in a terminal reaches the children too; only an unexpected exit is worth a word.
+        failed = [" ".join(map(str, child.args)) for child in children if child.poll() not in (0, -2, -15, None)]
+        if failed:
+            print(f"stopping: a gateway process failed: {failed}", file=sys.stderr)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
     finally:
