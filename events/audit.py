@@ -43,18 +43,22 @@ class AuditWriter:
         self._pending = _Pending()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
 
     async def stop(self) -> None:
-        """Flush everything buffered; safe to call more than once."""
+        """Flush everything buffered, then return; safe to call more than once.
+
+        The writer is asked to finish rather than cancelled: a write already handed to its thread must
+        complete before the process may exit."""
         task, self._task = self._task, None
+        self._stopping = True
+        self._wake.set()
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await task
         await self.flush()
 
     def opened(self, subscription: Subscription) -> None:
@@ -77,7 +81,7 @@ class AuditWriter:
             self._wake.set()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
             self._wake.clear()

@@ -6,13 +6,14 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
+from importlib import import_module
 
 import jwt
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth import get_user, get_user_model
+from django.db import close_old_connections
 from django.http import HttpRequest
 
 from events import routing
@@ -57,17 +58,36 @@ def _decode(token: str) -> dict[str, object]:
         raise AuthError(f"invalid bearer token: {exc}") from exc
 
 
-def _ensure_user(username: str) -> AbstractBaseUser:
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a request presented, taken from its headers, query and cookies."""
+
+    query_keys: frozenset[str]
+    authorization: str
+    ticket: str | None
+    session_key: str | None
+
+
+# Database work here runs on the loop's shared executor (thread_sensitive=False), not in a thread of the
+# request's own: a stream lives for hours, and a thread held per stream costs more than the stream.
+
+
+def _token_user(username: str) -> tuple[bool, bool]:
+    """Match or create the token's user: (is active, may follow every process instance)."""
+    close_old_connections()
     user, _ = get_user_model().objects.get_or_create(username=username)
-    return user
+    return user.is_active, user.is_active and user.has_perm(VIEW_ALL)
 
 
-async def _user_for_token(username: str) -> tuple[AbstractBaseUser | None, bool]:
-    """The matching Django user (created on first use) and whether it may follow every instance."""
-    user = await sync_to_async(_ensure_user)(username)
-    if not user.is_active:
-        return None, False
-    return user, await user.ahas_perm(VIEW_ALL)  # type: ignore[attr-defined]
+def _session_user(session_key: str) -> tuple[str, bool] | None:
+    """The logged-in user of a session (Django's own checks, session hash included), or None."""
+    close_old_connections()
+    request = HttpRequest()
+    request.session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    user = get_user(request)
+    if not user.is_authenticated or not user.is_active:
+        return None
+    return user.get_username(), user.has_perm(VIEW_ALL)
 
 
 async def from_bearer(header: str) -> Identity:
@@ -77,35 +97,33 @@ async def from_bearer(header: str) -> Identity:
     username = claims.get(settings.JWT_USER_CLAIM)
     if not isinstance(username, str) or not username or len(username) > 150:
         raise AuthError(f"bearer token has no usable {settings.JWT_USER_CLAIM!r} claim")
-    user, view_all = await _user_for_token(username)
-    if user is None:
+    active, view_all = await sync_to_async(_token_user, thread_sensitive=False)(username)
+    if not active:
         raise AuthError("user is inactive")
     exp = claims.get("exp")
     return Identity(username, "bearer", float(exp) if isinstance(exp, int | float) else None, view_all)
 
 
-async def from_session(request: HttpRequest) -> Identity | None:
-    user = await request.auser()
-    if isinstance(user, AnonymousUser) or not user.is_authenticated or not user.is_active:
-        return None
-    return Identity(user.get_username(), "session", None, await user.ahas_perm(VIEW_ALL))
+async def from_session(session_key: str) -> Identity | None:
+    found = await sync_to_async(_session_user, thread_sensitive=False)(session_key)
+    return Identity(found[0], "session", None, found[1]) if found else None
 
 
-async def authenticate(request: HttpRequest, *, allow_ticket: bool, redis: aioredis.Redis | None) -> Identity | None:
+async def authenticate(credentials: Credentials, *, allow_ticket: bool, redis: aioredis.Redis) -> Identity | None:
     """The caller's identity, None if it presented nothing; AuthError if what it presented is bad."""
-    if QUERY_CREDENTIALS & {key.lower() for key in request.GET}:
+    if QUERY_CREDENTIALS & {key.lower() for key in credentials.query_keys}:
         raise AuthError("credentials are not accepted in the query string; use a header or a ticket")
-    header = request.headers.get("Authorization", "")
-    if header:
-        if not header.lower().startswith("bearer "):
+    if credentials.authorization:
+        if not credentials.authorization.lower().startswith("bearer "):
             raise AuthError("only Bearer authorization is supported")
-        return await from_bearer(header)
-    ticket = request.GET.get("ticket")
-    if ticket is not None:
-        if not allow_ticket or redis is None:
+        return await from_bearer(credentials.authorization)
+    if credentials.ticket is not None:
+        if not allow_ticket:
             raise AuthError("a ticket cannot be used here")
-        return await redeem_ticket(redis, ticket)
-    return await from_session(request)
+        return await redeem_ticket(redis, credentials.ticket)
+    if credentials.session_key:
+        return await from_session(credentials.session_key)
+    return None
 
 
 async def issue_ticket(redis: aioredis.Redis, identity: Identity) -> tuple[str, int]:
@@ -126,7 +144,7 @@ async def redeem_ticket(redis: aioredis.Redis, ticket: str) -> Identity:
     if raw is None:
         raise AuthError("ticket unknown, expired or already used")
     value = json.loads(raw)
-    user, view_all = await _user_for_token(value["user"])
-    if user is None:
+    active, view_all = await sync_to_async(_token_user, thread_sensitive=False)(value["user"])
+    if not active:
         raise AuthError("user is inactive")
     return Identity(value["user"], "ticket", value.get("expires_at"), view_all)

@@ -18,6 +18,7 @@ from django.urls import path, reverse
 from django.views.decorators.http import require_POST, require_safe
 
 from events.auth import VIEW_ALL
+from events.endpoint import PATH as STREAM_PATH
 from events.envelope import EVENT_NAME, PROCESS_INSTANCE, InvalidRecord
 from events.publish import envelope_build, envelope_check, event_publish
 from subscriptions.models import Grant
@@ -56,7 +57,7 @@ def page(request: HttpRequest) -> HttpResponse:
     username = request.user.get_username()
     config = {
         "user": username,
-        "streamUrl": reverse("events-stream"),
+        "streamUrl": STREAM_PATH,
         "publishUrl": reverse("demo-publish"),
         "grantedProcessInstances": _granted(username),
         "viewAll": request.user.has_perm(VIEW_ALL),

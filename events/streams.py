@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime
 
 from django.conf import settings
@@ -106,7 +106,7 @@ class Stream:
             self._wake.set()
 
     # --- the response body -------------------------------------------------------------------------------
-    async def body(self) -> AsyncIterator[bytes]:
+    async def body(self) -> AsyncGenerator[bytes, None]:
         self.hub.audit.opened(self.subscription)
         metrics.OPEN_STREAMS.inc()
         reason = Subscription.CloseReason.CLIENT_GONE
@@ -119,8 +119,10 @@ class Stream:
                 self._wake.clear()
                 if self._close_reason is not None:
                     reason = self._close_reason  # type: ignore[assignment]
-                    # A slow client's queue is dropped (audited as such); anyone else gets what is queued.
-                    chunk = b"" if reason == Subscription.CloseReason.SLOW_CLIENT else self._take()
+                    # What is queued goes out when the server ends the stream; a client that is gone or too
+                    # slow does not get it, and it is audited as dropped.
+                    gone = reason in (Subscription.CloseReason.SLOW_CLIENT, Subscription.CloseReason.CLIENT_GONE)
+                    chunk = b"" if gone else self._take()
                     if chunk:
                         yield self._written(chunk)
                     final = self._final_words(reason)

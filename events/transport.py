@@ -9,11 +9,7 @@ queue bounds it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
 from typing import Any
-
-Scope = dict[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
 class TransportProbe:
@@ -35,21 +31,11 @@ class TransportProbe:
             abort()
 
 
-def _probe_for(send: Any) -> TransportProbe | None:
+def probe_for(send: Any) -> TransportProbe | None:
+    """The probe for the connection `send` writes to, when the server is daphne; else None."""
     if isinstance(send, functools.partial) and send.args:
         channel = getattr(send.args[0], "channel", None)
         transport = getattr(channel, "transport", None)
         if transport is not None and hasattr(transport, "dataBuffer"):
             return TransportProbe(transport)
     return None
-
-
-def expose_transport(app: ASGIApp) -> ASGIApp:
-    async def wrapper(scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            probe = _probe_for(send)
-            if probe is not None:
-                scope = {**scope, "events.transport": probe}
-        await app(scope, receive, send)
-
-    return wrapper

@@ -1,0 +1,192 @@
+"""GET /api/events/stream, as a plain ASGI application in front of Django.
+
+Django's ASGI handler runs each request in a thread-sensitive context of its own, and its first sync
+call (the request_started signal's receivers) gives that context a dedicated thread for as long as the
+request lives. A stream lives for hours: measured with 10,000 idle streams behind the Django view, that
+was 10,000 idle threads, 263 KB per stream and 228 s to connect them (bench/README.md). This endpoint
+does the same work (host check, CORS, authentication, authorisation, refusals as JSON), with its
+database work on the shared executor, and then writes the stream straight to the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from http.cookies import SimpleCookie
+from typing import Any
+from urllib.parse import parse_qsl
+
+import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http.request import split_domain_port, validate_host
+
+from events import metrics, middleware, sse
+from events.auth import AuthError, Credentials, authenticate
+from events.envelope import PROCESS_INSTANCE
+from events.hub import get_hub
+from events.streams import Stream
+from events.transport import probe_for
+from subscriptions.models import Subscription
+from subscriptions.selectors import grants_missing
+
+logger = logging.getLogger(__name__)
+
+PATH = "/api/events/stream"
+MAX_PROCESS_INSTANCES = 20
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _RetryLater(Exception):
+    """A transient server fault (Redis down): the stream opens, says retry, and closes."""
+
+
+class StreamRequest:
+    """What the endpoint reads from an ASGI scope."""
+
+    def __init__(self, scope: dict[str, Any]) -> None:
+        self.method: str = scope["method"]
+        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        self.query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        client = scope.get("client") or ("", 0)
+        forwarded = self.headers.get("x-forwarded-for", "")
+        self.client_address = forwarded.split(",")[0].strip() if forwarded else str(client[0])
+
+    def param(self, name: str) -> str | None:
+        return next((v for k, v in self.query if k == name), None)
+
+    def credentials(self) -> Credentials:
+        cookies = SimpleCookie()
+        with contextlib.suppress(Exception):
+            cookies.load(self.headers.get("cookie", ""))
+        session = cookies.get(settings.SESSION_COOKIE_NAME)
+        return Credentials(
+            query_keys=frozenset(k for k, _ in self.query),
+            authorization=self.headers.get("authorization", ""),
+            ticket=self.param("ticket"),
+            session_key=session.value if session else None,
+        )
+
+
+async def stream_endpoint(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    request = StreamRequest(scope)
+    origin = request.headers.get("origin")
+    if middleware.is_preflight(request.method, PATH, "access-control-request-method" in request.headers):
+        await _respond(send, 204, b"", "text/plain", middleware.preflight_headers(origin))
+        return
+    cors = middleware.response_headers(origin)
+    try:
+        stream = await _open(request, probe=probe_for(send))
+    except Refused as refusal:
+        metrics.STREAMS_REFUSED.labels(str(refusal.status)).inc()
+        body = json.dumps({"error": str(refusal)}).encode()
+        await _respond(send, refusal.status, body, "application/json", cors)
+        return
+    except _RetryLater:
+        logger.warning("event store unavailable; asking the client to retry", exc_info=True)
+        body = sse.retry(settings.EVENTS_RETRY_MS) + b": temporarily unavailable\n\n"
+        await _respond(send, 200, body, "text/event-stream; charset=utf-8", {**cors, **_SSE_HEADERS})
+        return
+    await _serve(stream, receive, send, cors)
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"}
+
+
+async def _open(request: StreamRequest, *, probe: Any) -> Stream:
+    """Check everything, in the contract's order of refusals, and make the Stream."""
+    if request.method != "GET":
+        raise Refused(405, "use GET")
+    host, _ = split_domain_port(request.headers.get("host", ""))
+    allowed = settings.ALLOWED_HOSTS or (["localhost", "127.0.0.1", "[::1]"] if settings.DEBUG else [])
+    if not host or not validate_host(host, allowed):
+        raise Refused(400, "host not allowed")
+    process_instances = [v for k, v in request.query if k == "processInstanceUuid"]
+    if len(process_instances) > MAX_PROCESS_INSTANCES:
+        raise Refused(400, f"at most {MAX_PROCESS_INSTANCES} processInstanceUuid parameters")
+    if any(not PROCESS_INSTANCE.match(p) for p in process_instances):
+        raise Refused(400, "processInstanceUuid must match ^[A-Za-z0-9_.:-]{1,128}$")
+    process_instances = list(dict.fromkeys(process_instances))
+    last_event_id = (request.headers.get("last-event-id") or request.param("lastEventId") or "").strip() or None
+    if last_event_id is not None and len(last_event_id) > 64:
+        raise Refused(400, "Last-Event-ID is too long to be an id this gateway issued")
+
+    try:
+        hub = await get_hub()
+        identity = await authenticate(request.credentials(), allow_ticket=True, redis=hub.redis)
+    except AuthError as exc:
+        raise Refused(401, str(exc)) from exc
+    except (aioredis.RedisError, OSError) as exc:
+        raise _RetryLater from exc
+    if identity is None:
+        raise Refused(401, "authentication required: session cookie, Authorization: Bearer, or ?ticket=")
+    if process_instances and not identity.view_all:
+        missing = await sync_to_async(grants_missing, thread_sensitive=False)(
+            user=identity.username, process_instances=process_instances
+        )
+        if missing:
+            raise Refused(403, f"not allowed to follow process instance {missing[0]}")
+
+    stream_id = str(uuid.uuid4())
+    try:
+        if not await hub.claim_slot(identity.username, stream_id):
+            raise Refused(429, f"at most {settings.EVENTS_MAX_STREAMS_PER_USER} open streams per user")
+    except (aioredis.RedisError, OSError) as exc:
+        raise _RetryLater from exc
+    return Stream(
+        hub=hub,
+        stream_id=stream_id,
+        user=identity.username,
+        followed=process_instances,
+        auth_method=identity.method,
+        last_event_id=last_event_id,
+        expires_at=identity.expires_at,
+        client_address=request.client_address,
+        user_agent=request.headers.get("user-agent", ""),
+        write_buffer=probe.buffered if probe else None,
+        abort=probe.abort if probe else None,
+    )
+
+
+async def _serve(stream: Stream, receive: Receive, send: Send, cors: dict[str, str]) -> None:
+    headers = {"Content-Type": "text/event-stream; charset=utf-8", **_SSE_HEADERS, **cors}
+    await send({"type": "http.response.start", "status": 200, "headers": _encode(headers)})
+    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(stream, receive))
+    try:
+        async with contextlib.aclosing(stream.body()) as body:
+            async for chunk in body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+async def _watch_disconnect(stream: Stream, receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            stream.close(Subscription.CloseReason.CLIENT_GONE)
+            return
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
+    all_headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **headers}
+    await send({"type": "http.response.start", "status": status, "headers": _encode(all_headers)})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
