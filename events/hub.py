@@ -57,7 +57,7 @@ class Hub:
     def __init__(self) -> None:
         self.redis = aioredis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
         self.store = EventStore(self.redis, retention_seconds=settings.EVENTS_RETENTION_SECONDS)
-        self.audit = AuditWriter()
+        self.audit = AuditWriter(self.redis, INSTANCE)
         self.frontier = "0-0"
         self.streams: set[Stream] = set()
         self._by_user: defaultdict[str, set[Stream]] = defaultdict(set)
@@ -165,6 +165,8 @@ class Hub:
         frame = sse.frame(event.id, event.event, render(event))
         for stream in targets:
             stream.push(event, frame)
+        if event.broadcast:
+            self.audit.broadcast(event, len(targets), time.time())
 
     async def _read(self) -> None:
         delay = 0.2

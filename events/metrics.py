@@ -18,6 +18,7 @@ BACKEND_ERRORS = Counter("gateway_backend_errors", "Failed calls to a backing se
 DELIVERIES = Counter("gateway_deliveries", "Events written to streams, by outcome", ["status"])
 OPEN_STREAMS = Gauge("gateway_open_streams", "SSE streams open in this process")
 STREAMS_REFUSED = Counter("gateway_streams_refused", "Stream requests refused before opening", ["status"])
+AUDIT_BATCH_SECONDS = Histogram("gateway_audit_batch_seconds", "Time to write one batch of stream audits")
 ASYNCIO_TASKS = Gauge("gateway_asyncio_tasks", "Tasks alive in the web process's event loop")
 DELIVERY_LATENCY = Histogram(
     "gateway_delivery_latency_seconds",

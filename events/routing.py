@@ -9,6 +9,7 @@ BROADCAST_SOURCE = f"{PREFIX}:src:b"
 # Channel-layer group every web process joins to hear that new events are durable.
 ANNOUNCE_GROUP = "events-gateway.announce"
 TICKET_PREFIX = f"{PREFIX}:ticket:"
+AUDIT_STREAM = f"{PREFIX}:audit"  # stream audit batches from web processes, written by consumers
 STREAMS_OF_USER_PREFIX = f"{PREFIX}:open:"
 
 

@@ -107,11 +107,13 @@ class Stream:
 
     # --- the response body -------------------------------------------------------------------------------
     async def body(self) -> AsyncGenerator[bytes, None]:
-        self.hub.audit.opened(self.subscription)
         metrics.OPEN_STREAMS.inc()
         reason = Subscription.CloseReason.CLIENT_GONE
         try:
             start = self.hub.register(self)
+            # Open from here: broadcasts handed out from now on reach this stream (the audit relies on it).
+            self.subscription.opened_at = datetime.now(UTC)
+            self.hub.audit.opened(self.subscription)
             first = sse.retry(settings.EVENTS_RETRY_MS) + await self._resume(start)
             yield self._written(first)
             while True:

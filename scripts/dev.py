@@ -153,7 +153,7 @@ def main() -> None:
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
         # Ctrl-C in a terminal reaches the children too; only an unexpected exit is worth a word.
-        failed = [" ".join(map(str, child.args)) for child in children if child.poll() not in (0, -2, -15, None)]
+        failed = [str(child.args) for child in children if child.poll() not in (0, -2, -15, None)]
         if failed:
             print(f"stopping: a gateway process failed: {failed}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -24,12 +24,12 @@ from django.db import models
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from redis import RedisError
 
 from events import envelope
 from subscriptions import selectors, services
-from subscriptions.models import DeliveryAudit, Grant, RejectedRecord, Subscription
+from subscriptions.models import BroadcastDelivery, DeliveryAudit, Grant, RejectedRecord, Subscription
 
 # A changelist counts at most this many rows and pages at most this deep; narrow the list (date, filter,
 # search) to see further. Deep OFFSETs are as slow as counts, so the cap bounds both.
@@ -362,6 +362,43 @@ class DeliveryAuditAdmin(ReadOnlyAdmin):
         with contextlib.suppress(ValueError, KeyError):
             shown["data"] = json.loads(stored["data"])
         return format_html("<pre>{}</pre>", json.dumps(shown, indent=2, ensure_ascii=False))
+
+
+# --- broadcasts ------------------------------------------------------------------------------------------
+@admin.register(BroadcastDelivery)
+class BroadcastDeliveryAdmin(ReadOnlyAdmin):
+    """A broadcast is audited once per web process; its recipients are that process's open streams."""
+
+    matching = staticmethod(selectors.broadcasts_matching)
+    list_display = ("event_id", "sent_at", "event", "instance", "streams", "latency_ms")
+    search_fields = ("event_id", "instance")
+    search_help_text = "Exact event id or serving instance (host:pid)."
+    date_hierarchy = "sent_at"
+    ordering = ("-sent_at",)
+    sortable_by = ("sent_at",)
+    fields = (
+        "event_id",
+        "event",
+        "instance",
+        "streams",
+        "sent_at",
+        "latency_ms",
+        "kafka_topic",
+        "kafka_partition",
+        "kafka_offset",
+        "recipients",
+    )
+    readonly_fields = fields
+
+    @admin.display(description="streams that received it (all web processes)")
+    def recipients(self, obj: BroadcastDelivery) -> str:
+        shown = 100
+        streams = list(selectors.broadcast_recipients(event_id=obj.event_id).order_by("opened_at")[: shown + 1])
+        links = format_html_join(
+            ", ", '<a href="{}">{} ({})</a>', ((_change(s), s.pk, s.user) for s in streams[:shown])
+        )
+        more = f" and more (first {shown} shown)" if len(streams) > shown else ""
+        return format_html("{}{}", links, more) if streams else "none"
 
 
 # --- rejected records ------------------------------------------------------------------------------------

@@ -54,9 +54,15 @@ class DeliveryAudit(models.Model):
         REPLAYED = "replayed"
         DROPPED = "dropped"
 
-    # No index of its own: audit_sub_sent starts with it.
+    # No index of its own: audit_sub_sent starts with it. No database constraint either: audit batches
+    # are written by several consumer processes in whatever order they arrive (events/audit.py).
     subscription = models.ForeignKey(
-        Subscription, on_delete=models.CASCADE, related_name="deliveries", db_index=False, verbose_name="stream"
+        Subscription,
+        on_delete=models.CASCADE,
+        related_name="deliveries",
+        db_index=False,
+        db_constraint=False,
+        verbose_name="stream",
     )
     event_id = models.CharField(max_length=40)
     event = models.CharField(max_length=64)
@@ -83,6 +89,33 @@ class DeliveryAudit(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_id} {self.status}"
+
+
+class BroadcastDelivery(models.Model):
+    """A broadcast written to every open stream of one web process: one row instead of one per stream.
+
+    The streams it reached are the ones open on that process at `sent_at` (selectors.broadcast_recipients);
+    a stream that lost it has its own `dropped` DeliveryAudit row.
+    """
+
+    event_id = models.CharField(max_length=40)
+    event = models.CharField(max_length=64)
+    instance = models.CharField(max_length=128, help_text="web process (host:pid)")
+    streams = models.PositiveIntegerField(help_text="streams it was written to")
+    sent_at = models.DateTimeField()
+    latency_ms = models.FloatField(null=True, help_text="Kafka record timestamp to the first write")
+    kafka_topic = models.CharField(max_length=255, blank=True)
+    kafka_partition = models.IntegerField(null=True)
+    kafka_offset = models.BigIntegerField(null=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["-sent_at", "-id"], name="broadcast_sent"),
+            models.Index(fields=["event_id"], name="broadcast_event"),
+        ]
+
+    def __str__(self) -> str:
+        return f"broadcast {self.event_id} on {self.instance}"
 
 
 class Grant(models.Model):

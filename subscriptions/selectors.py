@@ -20,7 +20,8 @@ from django.db.models import Q
 from django.utils import timezone
 
 from events import routing
-from subscriptions.models import DeliveryAudit, Grant, RejectedRecord, Subscription
+from events.store import parse_id
+from subscriptions.models import BroadcastDelivery, DeliveryAudit, Grant, RejectedRecord, Subscription
 
 EVENT_ID = re.compile(r"^\d{1,15}-\d{1,15}$")
 KAFKA_COORDINATES = re.compile(r"^(?P<topic>.+)/(?P<partition>\d{1,9})/(?P<offset>\d{1,18})$")
@@ -201,3 +202,24 @@ def stored_event_get(*, event_id: str) -> dict[str, str] | None:
 
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def broadcasts_matching(
+    *, queryset: models.QuerySet[BroadcastDelivery], term: str
+) -> models.QuerySet[BroadcastDelivery]:
+    if parse_id(term) is not None:
+        return queryset.filter(event_id=term)
+    return queryset.filter(instance=term)
+
+
+def broadcast_recipients(*, event_id: str) -> models.QuerySet[Subscription]:
+    """The streams that received broadcast `event_id` live: those registered on a web process that handed
+    it out, from before it did until after (a stream's row is opened when it registers), less any that
+    dropped it."""
+    on_instance = models.Q(pk__in=[])
+    for instance, at in BroadcastDelivery.objects.filter(event_id=event_id).values_list("instance", "sent_at"):
+        on_instance |= models.Q(instance=instance, opened_at__lte=at) & (
+            models.Q(closed_at__isnull=True) | models.Q(closed_at__gte=at)
+        )
+    dropped = DeliveryAudit.objects.filter(event_id=event_id, status=DeliveryAudit.Status.DROPPED)
+    return Subscription.objects.filter(on_instance).exclude(pk__in=dropped.values("subscription_id"))

@@ -6,16 +6,16 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, OuterRef
+from django.db import IntegrityError, connection, models, transaction
+from django.db.models import Exists, Model, OuterRef
 from django.utils import timezone
 from redis import RedisError
 
 from events import control
-from subscriptions.models import DeliveryAudit, Grant, RejectedRecord, Subscription
+from subscriptions.models import BroadcastDelivery, DeliveryAudit, Grant, RejectedRecord, Subscription
 
 
 def grant_apply(*, user: str, process_instance: str, granted_by: str, source: str, at: datetime) -> bool:
@@ -48,7 +48,22 @@ def subscriptions_close_orphaned(*, instance: str, closed_at: datetime) -> int:
     )
 
 
-# The columns of a delivery row, in the order delivery rows are given to streams_record.
+# The columns of the rows streams_record takes, in order (events.audit builds them; times are epoch seconds).
+SUBSCRIPTION_COLUMNS = (
+    "id",
+    "user",
+    "process_instances",
+    "auth_method",
+    "opened_at",
+    "resumed_from",
+    "client_address",
+    "user_agent",
+    "instance",
+    "closed_at",
+    "close_reason",
+    "last_event_id",
+    "events_delivered",
+)
 DELIVERY_COLUMNS = (
     "subscription",
     "event_id",
@@ -62,49 +77,87 @@ DELIVERY_COLUMNS = (
     "sent_at",
     "latency_ms",
 )
-DeliveryRow = tuple[str, str, str, str, str, str, str, int | None, int | None, datetime, float | None]
+BROADCAST_COLUMNS = (
+    "event_id",
+    "event",
+    "instance",
+    "streams",
+    "sent_at",
+    "latency_ms",
+    "kafka_topic",
+    "kafka_partition",
+    "kafka_offset",
+)
+_CLOSE_FIELDS = ["closed_at", "close_reason", "last_event_id", "events_delivered"]
 
 
 def streams_record(
-    *, opened: Sequence[Subscription], deliveries: Sequence[DeliveryRow], closed: Sequence[Subscription]
+    *,
+    opened: Sequence[Sequence[Any]],
+    deliveries: Sequence[Sequence[Any]],
+    broadcasts: Sequence[Sequence[Any]],
+    closed: Sequence[Sequence[Any]],
 ) -> None:
-    """Write what streams did since the last flush: new streams, their deliveries, then closings."""
+    """Write one batch of what a web process's streams did. Batches may arrive in any order (several
+    sinks, retries): stream rows are upserts, and deliveries do not need their stream's row first."""
     with transaction.atomic():
-        Subscription.objects.bulk_create(opened, batch_size=1000)
-        _deliveries_insert(deliveries)
-        for sub in closed:
-            Subscription.objects.filter(pk=sub.pk).update(
-                closed_at=sub.closed_at,
-                close_reason=sub.close_reason,
-                last_event_id=sub.last_event_id,
-                events_delivered=sub.events_delivered,
-            )
+        Subscription.objects.bulk_create([_subscription(row) for row in opened], ignore_conflicts=True)
+        Subscription.objects.bulk_create(
+            [_subscription(row) for row in closed],
+            update_conflicts=True,
+            unique_fields=["id"],
+            update_fields=_CLOSE_FIELDS,
+        )
+        _insert(DeliveryAudit, DELIVERY_COLUMNS, deliveries)
+        _insert(BroadcastDelivery, BROADCAST_COLUMNS, broadcasts)
 
 
-def _deliveries_insert(rows: Sequence[DeliveryRow]) -> None:
-    """One INSERT executed for many rows, without model instances: a row per delivery makes this the
+def _subscription(row: Sequence[Any]) -> Subscription:
+    values = dict(zip(SUBSCRIPTION_COLUMNS, row, strict=True))
+    values["id"] = uuid.UUID(values["id"])
+    values["opened_at"] = _when(values["opened_at"])
+    values["closed_at"] = _when(values["closed_at"]) if values["closed_at"] is not None else None
+    return Subscription(**values)
+
+
+def _when(epoch_seconds: float) -> datetime:
+    return datetime.fromtimestamp(epoch_seconds, UTC)
+
+
+def _insert(model: type[Model], columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """One INSERT executed for many rows, without model instances: with a row per delivery this is the
     audit's hot path, and building model instances costs several times the insert itself."""
     if not rows:
         return
-    meta = DeliveryAudit._meta
-    fields = [meta.get_field(name) for name in DELIVERY_COLUMNS]
-    columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)  # type: ignore[union-attr]
+    meta = model._meta
+    fields = [meta.get_field(name) for name in columns]
+    names = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)  # type: ignore[union-attr]
     placeholders = ", ".join(["%s"] * len(fields))
-    sql = f"INSERT INTO {connection.ops.quote_name(meta.db_table)} ({columns}) VALUES ({placeholders})"  # noqa: S608
-    stream_field, sent_field = fields[0], fields[9]
-    streams: dict[str, Any] = {}
-    times: dict[datetime, Any] = {}
-    params: list[Any] = []
+    sql = f"INSERT INTO {connection.ops.quote_name(meta.db_table)} ({names}) VALUES ({placeholders})"  # noqa: S608
+    prepared: list[dict[Any, Any]] = [{} for _ in fields]  # the same value is prepared once per batch
+    convert: list[Any] = []
+    for field in fields:
+        if isinstance(field, models.ForeignKey):
+            convert.append(lambda v, f=field: f.get_db_prep_value(uuid.UUID(v), connection))
+        elif isinstance(field, models.DateTimeField):
+            convert.append(lambda v, f=field: f.get_db_prep_value(_when(v), connection))
+        elif isinstance(field, models.IntegerField | models.BigIntegerField) and field.null:
+            convert.append(lambda v: v if v is not None and v >= 0 else None)
+        else:
+            convert.append(None)
+    params = []
     for row in rows:
-        stream = streams.get(row[0])
-        if stream is None:
-            stream = streams[row[0]] = stream_field.get_db_prep_value(  # type: ignore[union-attr]
-                uuid.UUID(row[0]), connection
-            )
-        sent = times.get(row[9])
-        if sent is None:
-            sent = times[row[9]] = sent_field.get_db_prep_value(row[9], connection)  # type: ignore[union-attr]
-        params.append((stream, *row[1:9], sent, row[10]))
+        values = []
+        for index, raw in enumerate(row):
+            fn = convert[index]
+            if fn is None:
+                values.append(raw)
+                continue
+            cache = prepared[index]
+            if raw not in cache:
+                cache[raw] = fn(raw)
+            values.append(cache[raw])
+        params.append(values)
     with connection.cursor() as cursor:
         cursor.executemany(sql, params)
 

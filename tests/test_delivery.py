@@ -53,26 +53,26 @@ def datas(events: list[SSEEvent]) -> list[object]:
 # --- authentication ------------------------------------------------------------------------------------
 async def test_session_bearer_and_ticket_each_open_a_stream(gateway: Gateway) -> None:
     cookie = await session_cookie("sam")
-    async with await open_stream(gateway.url, headers=cookie) as by_session:
-        async with await open_stream(gateway.url, token=token("tess")) as by_bearer:
-            ticket_response = await open_stream(
-                gateway.url, path="/api/events/tickets", method="POST", token=token("tess")
-            )
-            assert ticket_response.status == 201
-            ticket = json.loads(ticket_response.body)["ticket"]
-            assert json.loads(ticket_response.body)["expiresIn"] == 30
-            await ticket_response.close()
-            async with await open_stream(gateway.url, params=[("ticket", ticket)]) as by_ticket:
-                assert (by_session.status, by_bearer.status, by_ticket.status) == (200, 200, 200)
-                await gateway.produce({"user": "sam", "data": "for sam"})
-                await gateway.produce({"user": "tess", "data": "for tess"})
-                assert datas(await by_session.events(1)) == ["for sam"]
-                assert datas(await by_bearer.events(1)) == ["for tess"]
-                assert datas(await by_ticket.events(1)) == ["for tess"]
-            reused = await open_stream(gateway.url, params=[("ticket", ticket)])
-            assert reused.status == 401
-            assert "already used" in json.loads(reused.body)["error"]
-            await reused.close()
+    ticket_response = await open_stream(gateway.url, path="/api/events/tickets", method="POST", token=token("tess"))
+    assert ticket_response.status == 201
+    ticket = json.loads(ticket_response.body)["ticket"]
+    assert json.loads(ticket_response.body)["expiresIn"] == 30
+    await ticket_response.close()
+    async with (
+        await open_stream(gateway.url, headers=cookie) as by_session,
+        await open_stream(gateway.url, token=token("tess")) as by_bearer,
+        await open_stream(gateway.url, params=[("ticket", ticket)]) as by_ticket,
+    ):
+        assert (by_session.status, by_bearer.status, by_ticket.status) == (200, 200, 200)
+        await gateway.produce({"user": "sam", "data": "for sam"})
+        await gateway.produce({"user": "tess", "data": "for tess"})
+        assert datas(await by_session.events(1)) == ["for sam"]
+        assert datas(await by_bearer.events(1)) == ["for tess"]
+        assert datas(await by_ticket.events(1)) == ["for tess"]
+    reused = await open_stream(gateway.url, params=[("ticket", ticket)])
+    assert reused.status == 401
+    assert "already used" in json.loads(reused.body)["error"]
+    await reused.close()
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ async def test_users_only_ever_see_their_own_events(gateway: Gateway) -> None:
     )
     bob = await open_stream(gateway.url, token=token("bob"), params=[("processInstanceUuid", "shared")])
     carol = await open_stream(gateway.url, token=token("carol"))
-    envelopes = [
+    envelopes: list[dict[str, object]] = [
         {"user": "alice", "data": "alice"},
         {"user": "bob", "data": "bob"},
         {"processInstanceUuid": "shared", "data": "shared"},
@@ -226,7 +226,7 @@ async def test_resume_replays_exactly_what_was_missed_in_order(gateway: Gateway)
         await gateway.produce({"user": "gil", "data": "seen-1"})
         await gateway.produce({"broadcast": True, "data": "seen-2"})
         seen = await stream.events(2)
-    missed = [
+    missed: list[dict[str, object]] = [
         {"user": "gil", "data": "m1"},
         {"processInstanceUuid": "r1", "data": "m2"},
         {"broadcast": True, "data": "m3"},

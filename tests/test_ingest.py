@@ -26,7 +26,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def stored(redis_url: str) -> list[dict[str, str]]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        entries: list[Any] = client.xrange("events-gateway:events")
+        entries: Any = client.xrange("events-gateway:events")
         return [fields for _, fields in entries]
     finally:
         client.close()

@@ -124,7 +124,10 @@ async def test_sigterm_closes_streams_with_retry_and_flushes_audits(gateway: Gat
         assert last is not None
         assert last.get("retry") == "3000"
     assert await asyncio.to_thread(proc.proc.wait, 15) == 0
-    sub = await Subscription.objects.aget(user="bye")
+    # The web process handed its last audits to Redis before exiting; the consumer writes them.
+    sub = await wait_until(
+        lambda: Subscription.objects.filter(user="bye", closed_at__isnull=False).afirst(), what="the stream's row"
+    )
     assert sub.close_reason == Subscription.CloseReason.SHUTDOWN
     assert sub.events_delivered == 1
     assert await sub.deliveries.filter(status="delivered").acount() == 1
