@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import import_module
 
@@ -13,7 +15,7 @@ import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user, get_user_model
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, connection
 from django.http import HttpRequest
 
 from events import routing
@@ -72,22 +74,46 @@ class Credentials:
 # request's own: a stream lives for hours, and a thread held per stream costs more than the stream.
 
 
+# A reconnect storm (a web process restarting under 10,000 streams) would otherwise cost a user lookup
+# and two permission queries per stream. Deactivation or a permission change takes effect within this.
+USER_CACHE_SECONDS = 30.0
+_user_cache: dict[str, tuple[float, bool, bool]] = {}
+
+
 def _token_user(username: str) -> tuple[bool, bool]:
     """Match or create the token's user: (is active, may follow every process instance)."""
-    close_old_connections()
-    user, _ = get_user_model().objects.get_or_create(username=username)
-    return user.is_active, user.is_active and user.has_perm(VIEW_ALL)
+    cached = _user_cache.get(username)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1], cached[2]
+    with _reconnecting():
+        user, _ = get_user_model().objects.get_or_create(username=username)
+        found = (user.is_active, user.is_active and user.has_perm(VIEW_ALL))
+    if len(_user_cache) > 100_000:
+        _user_cache.clear()
+    _user_cache[username] = (time.monotonic() + USER_CACHE_SECONDS, *found)
+    return found
 
 
 def _session_user(session_key: str) -> tuple[str, bool] | None:
     """The logged-in user of a session (Django's own checks, session hash included), or None."""
-    close_old_connections()
-    request = HttpRequest()
-    request.session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
-    user = get_user(request)
-    if not user.is_authenticated or not user.is_active:
-        return None
-    return user.get_username(), user.has_perm(VIEW_ALL)
+    with _reconnecting():
+        request = HttpRequest()
+        request.session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+        user = get_user(request)
+        if not user.is_authenticated or not user.is_active:
+            return None
+        return user.get_username(), user.has_perm(VIEW_ALL)
+
+
+@contextlib.contextmanager
+def _reconnecting() -> Iterator[None]:
+    """Executor threads keep their connection between calls; a broken one is dropped so the next call
+    reconnects (there is no request cycle here to recycle connections)."""
+    try:
+        yield
+    except (InterfaceError, OperationalError):
+        connection.close()
+        raise
 
 
 async def from_bearer(header: str) -> Identity:

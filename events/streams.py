@@ -51,6 +51,9 @@ class Stream:
         self.expires_at = expires_at
         self._write_buffer = write_buffer
         self._abort = abort
+        # Read once: settings are a lazy object, and these are read for every event.
+        self._buffer_limit: int = settings.EVENTS_STREAM_BUFFER
+        self._heartbeat: float = settings.EVENTS_HEARTBEAT_SECONDS
         self._pending: list[tuple[StoredEvent | None, bytes]] = []
         self._wake = asyncio.Event()
         self._close_reason: str | None = None
@@ -79,7 +82,7 @@ class Stream:
         if self._close_reason is not None:
             return
         self._pending.append((event, frame))
-        if len(self._pending) + len(self._unflushed_ends) > settings.EVENTS_STREAM_BUFFER:
+        if len(self._pending) + len(self._unflushed_ends) > self._buffer_limit:
             self.close(Subscription.CloseReason.SLOW_CLIENT)
         self._wake.set()
 
@@ -96,7 +99,7 @@ class Stream:
     def tick(self, now: float) -> None:
         if self.expires_at is not None and now >= self.expires_at:
             self.close(Subscription.CloseReason.AUTH_EXPIRED)
-        elif now - self._last_write >= settings.EVENTS_HEARTBEAT_SECONDS:
+        elif now - self._last_write >= self._heartbeat:
             self._ping_due = True
             self._wake.set()
 
@@ -212,7 +215,7 @@ class Stream:
         flushed = self._written_bytes - buffered
         while self._unflushed_ends and self._unflushed_ends[0] <= flushed:
             self._unflushed_ends.popleft()
-        if len(self._unflushed_ends) + len(self._pending) > settings.EVENTS_STREAM_BUFFER:
+        if len(self._unflushed_ends) + len(self._pending) > self._buffer_limit:
             self.close(Subscription.CloseReason.SLOW_CLIENT)
 
     def _final_words(self, reason: str) -> bytes:
