@@ -74,7 +74,8 @@ class AuditWriter:
         self.mode = settings.AUDIT_DELIVERIES
         self._opened: list[list[Any]] = []
         self._closed: list[list[Any]] = []
-        self._rows: list[list[Any]] = []
+        # Tuples of plain values: the collector stops tracking them, so buffered rows cost it nothing.
+        self._rows: list[tuple[Any, ...]] = []
         self._broadcasts: list[list[Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -110,7 +111,7 @@ class AuditWriter:
             if event.broadcast and status == DeliveryAudit.Status.DELIVERED:
                 continue  # one row per web process, made at fan-out (broadcast())
             rows.append(
-                [
+                (
                     stream_id,
                     event.id,
                     event.event,
@@ -122,7 +123,7 @@ class AuditWriter:
                     event.kafka_offset,
                     sent_at,
                     max(0.0, sent_at * 1000 - event.published_ms) if event.published_ms else None,
-                ]
+                )
             )
         if len(rows) > MAX_PENDING_ROWS:
             del rows[: len(rows) - MAX_PENDING_ROWS]

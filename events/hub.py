@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -69,6 +70,9 @@ class Hub:
         self.healthy = False
 
     async def start(self) -> None:
+        # Everything loaded so far (Django, the app) lives as long as the process: keep it out of the
+        # collector's full passes, which otherwise scan it all every few seconds under load (p99 spikes).
+        gc.freeze()
         self.frontier = await self.store.last_id()
         self.healthy = True
         loop = asyncio.get_running_loop()
