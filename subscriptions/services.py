@@ -226,16 +226,19 @@ class PurgeResult:
     rejected_records: int
     chunks: int
     longest_chunk_seconds: float = 0.0
+    broadcasts: int = 0
 
 
 def audits_purge(*, before: datetime, chunk_size: int = 5000, dry_run: bool = False) -> PurgeResult:
-    """Delete delivery audits and rejected records older than `before`, and the closed streams older than
-    it that have no audits left, `chunk_size` rows per short transaction so no table is locked for long.
+    """Delete delivery audits, broadcast rows and rejected records older than `before`, and the closed
+    streams older than it that have no audits left, `chunk_size` rows per short transaction so no table
+    is locked for long.
 
     With dry_run, count what would go and delete nothing. Grants are kept: they are the access history.
     """
     old_audits = DeliveryAudit.objects.filter(sent_at__lt=before)
     old_rejected = RejectedRecord.objects.filter(received_at__lt=before)
+    old_broadcasts = BroadcastDelivery.objects.filter(sent_at__lt=before)
     # opened_at bounds the scan to old rows through sub_opened; closed_at < before implies opened_at < before.
     old_streams = Subscription.objects.filter(opened_at__lt=before, closed_at__lt=before).filter(
         ~Exists(DeliveryAudit.objects.filter(subscription=OuterRef("pk")))
@@ -248,10 +251,15 @@ def audits_purge(*, before: datetime, chunk_size: int = 5000, dry_run: bool = Fa
             .exclude(Exists(DeliveryAudit.objects.filter(subscription=OuterRef("pk"), sent_at__gte=before)))
             .count()
         )
-        return PurgeResult(audits, streams, old_rejected.count(), 0)
+        return PurgeResult(audits, streams, old_rejected.count(), 0, broadcasts=old_broadcasts.count())
     chunks, longest = 0, 0.0
     counts: list[int] = []
-    for rows, order in ((old_audits, "sent_at"), (old_streams, "opened_at"), (old_rejected, "received_at")):
+    for rows, order in (
+        (old_audits, "sent_at"),
+        (old_streams, "opened_at"),
+        (old_rejected, "received_at"),
+        (old_broadcasts, "sent_at"),
+    ):
         total = 0
         while True:
             started = time.monotonic()
@@ -264,4 +272,4 @@ def audits_purge(*, before: datetime, chunk_size: int = 5000, dry_run: bool = Fa
             total += deleted.get(rows.model._meta.label, 0)
             chunks += 1
         counts.append(total)
-    return PurgeResult(counts[0], counts[1], counts[2], chunks, longest)
+    return PurgeResult(counts[0], counts[1], counts[2], chunks, longest, broadcasts=counts[3])

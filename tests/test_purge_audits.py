@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 
-from subscriptions.models import DeliveryAudit, Grant, RejectedRecord, Subscription
+from subscriptions.models import BroadcastDelivery, DeliveryAudit, Grant, RejectedRecord, Subscription
 
 pytestmark = pytest.mark.django_db
 
@@ -38,6 +38,10 @@ def rejected(at: datetime, offset: int) -> RejectedRecord:
     )
 
 
+def broadcast(event_id: str, at: datetime) -> BroadcastDelivery:
+    return BroadcastDelivery.objects.create(event_id=event_id, event="All", instance="web-1:1", streams=3, sent_at=at)
+
+
 @pytest.fixture
 def history() -> dict[str, Any]:
     old_closed = stream("alice", OLD, OLD + timedelta(hours=1))  # all its audits are old: goes
@@ -56,6 +60,8 @@ def history() -> dict[str, Any]:
         "recent_audits": deliveries(spanning, 2, RECENT) + deliveries(recent, 3, RECENT),
         "old_rejected": [rejected(OLD, 1), rejected(OLD, 2)],
         "recent_rejected": [rejected(RECENT, 3)],
+        "old_broadcasts": [broadcast("1-0", OLD), broadcast("2-0", OLD)],
+        "recent_broadcasts": [broadcast("3-0", RECENT)],
         "grant": grant,
     }
 
@@ -73,16 +79,18 @@ def test_old_rows_go_in_chunks_and_recent_rows_stay(history: dict[str, Any]) -> 
     streams = set(Subscription.objects.values_list("user", flat=True))
     assert streams == {"bob", "carol", "dave"}
     assert list(RejectedRecord.objects.values_list("offset", flat=True)) == [3]
+    assert list(BroadcastDelivery.objects.values_list("event_id", flat=True)) == ["3-0"]
     assert Grant.objects.count() == 1
-    # 12 old audits in chunks of 5, one stream, two rejected records.
-    assert "deleted 12 delivery audits, 1 closed streams, 2 rejected records" in output
-    assert "in 5 chunks of at most 5 rows" in output
+    # 12 old audits in chunks of 5, two broadcast rows, one stream, two rejected records.
+    assert "deleted 12 delivery audits, 2 broadcast rows, 1 closed streams, 2 rejected records" in output
+    assert "in 6 chunks of at most 5 rows" in output
 
 
 def test_dry_run_counts_and_deletes_nothing(history: dict[str, Any]) -> None:
     output = purge("--older-than", "30d", "--dry-run")
 
-    assert "would delete 12 delivery audits, 1 closed streams, 2 rejected records" in output
+    assert "would delete 12 delivery audits, 2 broadcast rows, 1 closed streams, 2 rejected records" in output
+    assert BroadcastDelivery.objects.count() == 3
     assert DeliveryAudit.objects.count() == 17
     assert Subscription.objects.count() == 4
     assert RejectedRecord.objects.count() == 3

@@ -40,7 +40,8 @@ class Command(BaseCommand):
         before = timezone.now() - parse_age(options["older_than"])
         result = services.audits_purge(before=before, chunk_size=options["chunk_size"], dry_run=options["dry_run"])
         what = (
-            f"{result.audits:,} delivery audits, {result.subscriptions:,} closed streams, "
+            f"{result.audits:,} delivery audits, {result.broadcasts:,} broadcast rows, "
+            f"{result.subscriptions:,} closed streams, "
             f"{result.rejected_records:,} rejected records older than {before.isoformat(timespec='seconds')}"
         )
         if options["dry_run"]:
