@@ -25,6 +25,8 @@ from events.envelope import Event
 # Records per script call: one call blocks Redis while it runs, so big batches go as several calls in
 # one pipeline and other clients (web processes reading) get their turn in between.
 APPEND_CHUNK = 500
+# Trimming is approximate (MINID ~): entries this close to the retention horizon may or may not be gone.
+TRIM_MARGIN_MS = 60_000
 ID_PATTERN = re.compile(r"^(\d{1,15})-(\d{1,15})$")
 
 # One call appends a chunk of records; Redis runs it atomically, so an event is either fully stored
@@ -255,11 +257,21 @@ class EventStore:
         return _entries(await self.redis.xrange(routing.EVENTS_STREAM, min=f"({after}", count=count))
 
     async def is_resumable(self, event_id: str) -> bool:
-        """Whether `event_id` is an id this store issued and still holds."""
+        """Whether everything after position `event_id` is still held: a position this store has reached
+        (not past its last id) and not older than retention (trimming only removes older entries).
+
+        `0-0` is the position of a stream opened on an empty store: resumable while nothing has been
+        trimmed yet (the oldest entry is well inside the retention window).
+        """
         parsed = parse_id(event_id)
-        if parsed is None or parsed[0] < (time.time() - self.retention_seconds) * 1000:
+        last = parse_id(await self.last_id())
+        if parsed is None or last is None or parsed > last:
             return False
-        return bool(await self.redis.xrange(routing.EVENTS_STREAM, min=event_id, max=event_id, count=1))
+        horizon_ms = (time.time() - self.retention_seconds) * 1000
+        if parsed == (0, 0):
+            oldest: Any = await self.redis.xrange(routing.EVENTS_STREAM, count=1)
+            return not oldest or (parse_id(_text(oldest[0][0])) or (0, 0))[0] > horizon_ms + TRIM_MARGIN_MS
+        return parsed[0] >= horizon_ms
 
     async def replay(self, *, sources: Sequence[str], after: str, until: str) -> list[StoredEvent]:
         """Events in `sources` with after < id <= until, in id order; cost follows what is returned."""
