@@ -105,6 +105,9 @@ class IngestService:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=BROKER_WAIT_MS,
+            # How long the group waits for a silent consumer before handing its partitions on.
+            session_timeout_ms=settings.KAFKA_SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=min(3000, settings.KAFKA_SESSION_TIMEOUT_MS // 3),
         )
         self.consumer.subscribe(self.topics, listener=_Rebalance())
         await self.consumer.start()

@@ -115,6 +115,7 @@ KAFKA_TOPIC_TYPES = env.dict("KAFKA_TOPIC_TYPES", default={})
 KAFKA_GROUP_ID = env.str("KAFKA_GROUP_ID", default="events-gateway")
 KAFKA_DLQ_TOPIC = env.str("KAFKA_DLQ_TOPIC", default="messaging_events_topic.DLQ")
 KAFKA_MESSAGE_MAX_BYTES = env.int("KAFKA_MESSAGE_MAX_BYTES", default=52_428_800)
+KAFKA_SESSION_TIMEOUT_MS = env.int("KAFKA_SESSION_TIMEOUT_MS", default=10_000)
 if KAFKA_SECURITY_PROTOCOL not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
     raise ImproperlyConfigured(f"KAFKA_SECURITY_PROTOCOL={KAFKA_SECURITY_PROTOCOL!r} is not supported")
 

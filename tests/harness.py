@@ -105,6 +105,8 @@ class Gateway:
             "JWT_SECRET": JWT_SECRET,
             "JWT_ALGORITHMS": "HS256",
             "EVENTS_HEARTBEAT_SECONDS": "2",
+            # Consumers join and hand on partitions sooner (the broker waits about half of it on a join).
+            "KAFKA_SESSION_TIMEOUT_MS": "6000",
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }
