@@ -3,7 +3,8 @@
 A web process serves thousands of streams on one core, and on two cores a database insert per delivery
 measured as the largest single cost of delivery (py-spy, bench/README.md). So the web side only appends
 tuples to a list and, once a second, sends the batch to Redis (`events-gateway:audit`, one packed entry);
-the AuditSink in `run_consumer` writes batches with one INSERT per table and acknowledges them only
+the AuditSink (a child process of `run_consumer`, events/audit_process.py) writes batches with one INSERT
+per table and acknowledges them only
 once written. Nothing is lost on a clean shutdown (the last batch goes to Redis before exit) or if the
 database is down for a while (batches wait in Redis, bounded by AUDIT_STREAM_MAX_BATCHES).
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from typing import Any
 
-import redis.asyncio as aioredis
-from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from events.audit import AuditSink
+from events import audit_process
 from events.hub import INSTANCE
 from events.ingest import IngestService
 from events.opsserver import serve_ops
@@ -28,24 +27,21 @@ class Command(BaseCommand):
 
 async def _main(metrics_port: int | None) -> None:
     service = IngestService()
-    audits = AuditSink(aioredis.from_url(settings.REDIS_URL, socket_timeout=10), name=INSTANCE)
-
-    def stop() -> None:
-        service.request_stop()
-        audits.request_stop()
-
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(sig, service.request_stop)
     ops = await serve_ops(service, port=metrics_port)
-    sink = loop.create_task(audits.run(), name="audit-sink")
+    writer = audit_process.AuditWriterProcess(INSTANCE)
+    writer.start()
+    supervisor = loop.create_task(writer.supervise(), name="audit-writer-supervisor")
     try:
         await service.start()
         await service.run()
     finally:
-        audits.request_stop()
-        await sink
-        await audits.redis.aclose()
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
+        await asyncio.to_thread(writer.stop)
         await service.stop()
         if ops is not None:
             ops.close()
