@@ -87,14 +87,16 @@ class Stream:
         self._wake.set()
 
     def push_unsubscribe(self, event: StoredEvent) -> None:
-        assert event.process_instance is not None
-        self.hub.unfollow(self, event.process_instance)
-        self.followed.discard(event.process_instance)
-        self._pending.append(
-            (None, sse.control("unsubscribed", {"processInstanceUuid": event.process_instance}, event.id))
-        )
+        self._pending.append((None, self._unfollow(event)))
         self.position = event.id
         self._wake.set()
+
+    def _unfollow(self, disconnect: StoredEvent) -> bytes:
+        """Stop following the disconnect's process instance; the frame that tells the client."""
+        assert disconnect.process_instance is not None
+        self.hub.unfollow(self, disconnect.process_instance)
+        self.followed.discard(disconnect.process_instance)
+        return sse.control("unsubscribed", {"processInstanceUuid": disconnect.process_instance}, disconnect.id)
 
     def tick(self, now: float) -> None:
         if self.expires_at is not None and now >= self.expires_at:
@@ -162,9 +164,7 @@ class Stream:
         for event in replayed:
             if event.type == "disconnect":
                 if event.user == self.user and event.process_instance in self.followed:
-                    self.hub.unfollow(self, event.process_instance)
-                    self.followed.discard(event.process_instance)
-                    out.append(sse.control("unsubscribed", {"processInstanceUuid": event.process_instance}, event.id))
+                    out.append(self._unfollow(event))
                 continue
             if routing.visible_to(
                 stream_user=self.user,
