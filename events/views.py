@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import redis.asyncio as aioredis
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
@@ -13,8 +11,6 @@ from django.views.decorators.csrf import csrf_exempt
 from events import metrics
 from events.auth import AuthError, Credentials, Identity, authenticate, issue_ticket
 from events.hub import get_hub
-
-logger = logging.getLogger(__name__)
 
 
 def error(status: int, message: str) -> JsonResponse:
