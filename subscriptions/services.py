@@ -88,6 +88,7 @@ BROADCAST_COLUMNS = (
     "kafka_partition",
     "kafka_offset",
 )
+AUDIT_LOCK_TIMEOUT_MS = 500
 _CLOSE_FIELDS = ["closed_at", "close_reason", "last_event_id", "events_delivered"]
 
 
@@ -101,6 +102,11 @@ def streams_record(
     """Write one batch of what a web process's streams did. Batches may arrive in any order (several
     sinks, retries): stream rows are upserts, and deliveries do not need their stream's row first."""
     with transaction.atomic():
+        if connection.vendor == "postgresql":
+            # Yield to whatever holds these tables (a migration, a purge, a TRUNCATE) rather than wait or
+            # deadlock: the batch stays in Redis and is retried.
+            with connection.cursor() as cursor:
+                cursor.execute(f"SET LOCAL lock_timeout = '{AUDIT_LOCK_TIMEOUT_MS}ms'")
         Subscription.objects.bulk_create([_subscription(row) for row in opened], ignore_conflicts=True)
         Subscription.objects.bulk_create(
             [_subscription(row) for row in closed],
