@@ -41,13 +41,6 @@ def rejected_records_create(*, records: Sequence[RejectedRecord]) -> None:
     RejectedRecord.objects.bulk_create(records)
 
 
-def subscriptions_close_orphaned(*, instance: str, closed_at: datetime) -> int:
-    """Close rows a previous run of this process left open (it died without closing them)."""
-    return Subscription.objects.filter(instance=instance, closed_at__isnull=True).update(
-        closed_at=closed_at, close_reason=Subscription.CloseReason.SHUTDOWN
-    )
-
-
 # The columns of the rows streams_record takes, in order (events.audit builds them; times are epoch seconds).
 SUBSCRIPTION_COLUMNS = (
     "id",
