@@ -123,6 +123,11 @@ def _when(epoch_seconds: float) -> datetime:
     return datetime.fromtimestamp(epoch_seconds, UTC)
 
 
+def db_columns(model: type[Model], names: Sequence[str]) -> list[str]:
+    """The database columns of `model`'s fields `names` (a foreign key's is `<name>_id`)."""
+    return [str(model._meta.get_field(name).column) for name in names]  # type: ignore[union-attr]
+
+
 def _insert(model: type[Model], columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """One INSERT executed for many rows, without model instances: with a row per delivery this is the
     audit's hot path, and building model instances costs several times the insert itself."""
@@ -130,7 +135,7 @@ def _insert(model: type[Model], columns: Sequence[str], rows: Sequence[Sequence[
         return
     meta = model._meta
     fields = [meta.get_field(name) for name in columns]
-    names = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)  # type: ignore[union-attr]
+    names = ", ".join(connection.ops.quote_name(column) for column in db_columns(model, columns))
     placeholders = ", ".join(["%s"] * len(fields))
     sql = f"INSERT INTO {connection.ops.quote_name(meta.db_table)} ({names}) VALUES ({placeholders})"  # noqa: S608
     prepared: list[dict[Any, Any]] = [{} for _ in fields]  # the same value is prepared once per batch

@@ -20,6 +20,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection, transaction
 from django.utils import timezone
 
+from subscriptions import services
 from subscriptions.models import DeliveryAudit, Grant, RejectedRecord, Subscription
 
 TOPIC = "messaging_events_topic"
@@ -176,14 +177,14 @@ def generate(
                 json.dumps(sorted(followed)),
                 rng.choice(AUTH_METHODS),
                 adapt_dt(opened),
-                adapt_dt(closed) if closed else None,
-                close_reason,
                 f"{int(opened.timestamp() * 1000) - 5000}-0" if resumed else "",
-                last_event_id,
-                delivered,
                 f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
                 rng.choice(USER_AGENTS),
                 rng.choice(instances),
+                adapt_dt(closed) if closed else None,
+                close_reason,
+                last_event_id,
+                delivered,
             )
         )
         if len(audit_rows) >= 50_000:
@@ -214,35 +215,9 @@ def _columns(model: Any, *, skip_auto: bool) -> list[str]:
 def _write(sub_rows: list[Sequence[Any]], audit_rows: list[Sequence[Any]]) -> None:
     sub_columns = _columns(Subscription, skip_auto=False)
     audit_columns = _columns(DeliveryAudit, skip_auto=True)
-    # Model field order differs from the tuples built above; map by column name.
-    sub_order = [
-        "id",
-        "user",
-        "process_instances",
-        "auth_method",
-        "opened_at",
-        "closed_at",
-        "close_reason",
-        "resumed_from",
-        "last_event_id",
-        "events_delivered",
-        "client_address",
-        "user_agent",
-        "instance",
-    ]
-    audit_order = [
-        "subscription_id",
-        "event_id",
-        "event",
-        "status",
-        "user",
-        "process_instance",
-        "kafka_topic",
-        "kafka_partition",
-        "kafka_offset",
-        "sent_at",
-        "latency_ms",
-    ]
+    # The rows above are in the column order the audit writer uses (services.*_COLUMNS).
+    sub_order = services.db_columns(Subscription, services.SUBSCRIPTION_COLUMNS)
+    audit_order = services.db_columns(DeliveryAudit, services.DELIVERY_COLUMNS)
     if sorted(sub_columns) != sorted(sub_order) or sorted(audit_columns) != sorted(audit_order):
         raise CommandError("the models changed: update generate_audits")
     with transaction.atomic():
