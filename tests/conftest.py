@@ -10,7 +10,7 @@ import pytest_asyncio
 from django.db import connection
 
 from scripts.embedded import KafkaBroker, RedisServer
-from tests.harness import Gateway, database_url
+from tests.harness import Gateway, database_url, running
 
 
 @pytest.fixture(scope="session")
@@ -36,15 +36,8 @@ def db_url(django_db_setup: None) -> str:
 @pytest_asyncio.fixture
 async def gateway(kafka: KafkaBroker, redis_server: RedisServer, db_url: str) -> AsyncIterator[Gateway]:
     """A fresh deployment for one test: one web process and one consumer on new topics, its own Redis."""
-    gw = Gateway(bootstrap=kafka.bootstrap, redis_url=redis_server.url, database_url=db_url)
-    await gw.create_topics()
-    try:
-        gw.start_web()
-        gw.start_consumer()
+    async with running(bootstrap=kafka.bootstrap, redis_url=redis_server.url, database_url=db_url) as gw:
         yield gw
-    finally:
-        gw.stop()
-        await gw.close_producer()
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +210,20 @@ class Gateway:
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+
+
+@contextlib.asynccontextmanager
+async def running(*, bootstrap: str, redis_url: str, database_url: str, **options: Any) -> AsyncIterator[Gateway]:
+    """A deployment on new topics with one web process and one consumer, stopped on the way out."""
+    gateway = Gateway(bootstrap=bootstrap, redis_url=redis_url, database_url=database_url, **options)
+    await gateway.create_topics()
+    try:
+        gateway.start_web()
+        gateway.start_consumer()
+        yield gateway
+    finally:
+        gateway.stop()
+        await gateway.close_producer()
 
 
 def _get(url: str) -> tuple[int, str]:

@@ -11,7 +11,7 @@ from asgiref.sync import sync_to_async
 from scripts.embedded import KafkaBroker, RedisServer
 from subscriptions import selectors
 from subscriptions.models import BroadcastDelivery, DeliveryAudit, Grant, Subscription
-from tests.harness import Gateway, token, wait_until
+from tests.harness import Gateway, running, token, wait_until
 from tests.sse_client import open_stream
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -90,16 +90,8 @@ async def _list(queryset: object) -> list[object]:
 async def test_audits_off_keeps_streams_but_no_deliveries(
     kafka: KafkaBroker, redis_server: RedisServer, db_url: str
 ) -> None:
-    gw = Gateway(
-        bootstrap=kafka.bootstrap,
-        redis_url=redis_server.url,
-        database_url=db_url,
-        extra_env={"AUDIT_DELIVERIES": "off"},
-    )
-    await gw.create_topics()
-    try:
-        gw.start_web()
-        gw.start_consumer()
+    env = {"AUDIT_DELIVERIES": "off"}
+    async with running(bootstrap=kafka.bootstrap, redis_url=redis_server.url, database_url=db_url, extra_env=env) as gw:
         async with await open_stream(gw.url, token=token("quiet")) as stream:
             await gw.produce({"user": "quiet", "data": 1})
             await gw.produce({"broadcast": True, "data": 2})
@@ -110,6 +102,3 @@ async def test_audits_off_keeps_streams_but_no_deliveries(
         assert sub.events_delivered == 2
         assert not await DeliveryAudit.objects.filter(subscription=sub).aexists()
         assert not await BroadcastDelivery.objects.aexists()
-    finally:
-        gw.stop()
-        await gw.close_producer()
