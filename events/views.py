@@ -1,4 +1,4 @@
-"""Thin async views: POST /api/events/tickets. (GET /api/events/stream is events/endpoint.py.)"""
+"""Thin async views: POST /api/events/tickets. (GET /api/events/stream is events/delivery/endpoint.py.)"""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonRespons
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from events import metrics
-from events.auth import AuthError, Credentials, Identity, authenticate, issue_ticket
-from events.hub import get_hub
+from events.delivery.auth import AuthError, Credentials, Identity, authenticate, issue_ticket
+from events.delivery.hub import get_hub
+from events.ops import metrics
 
 
 def error(status: int, message: str) -> JsonResponse:

@@ -13,11 +13,11 @@ django_application = get_asgi_application()
 
 from django.conf import settings  # noqa: E402
 
-from events import endpoint  # noqa: E402 - needs Django set up first
-from gateway_project.logging import route_daphne_access_log  # noqa: E402
+from events.delivery import daphne, endpoint  # noqa: E402 - needs Django set up first
 
-if settings.LOG_FORMAT == "json":
-    route_daphne_access_log()
+# The server is daphne: its specifics (slow-client probe, graceful shutdown, access log) in one adapter.
+daphne.install(json_access_log=settings.LOG_FORMAT == "json")
+stream_endpoint = endpoint.StreamEndpoint(probe_for=daphne.probe_for)
 
 # The admin's static files are served by the app itself so one image needs nothing else;
 # a proxy in front may serve /static/ instead.
@@ -25,8 +25,8 @@ _django = ASGIStaticFilesHandler(django_application)
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """SSE streams go to their own endpoint (see events/endpoint.py for why); everything else to Django."""
+    """SSE streams go to their own endpoint (see events/delivery/endpoint.py for why); everything else to Django."""
     if scope["type"] == "http" and scope["path"] == endpoint.PATH:
-        await endpoint.stream_endpoint(scope, receive, send)
+        await stream_endpoint(scope, receive, send)
     else:
         await _django(scope, receive, send)

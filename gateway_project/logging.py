@@ -25,27 +25,3 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
-
-
-def route_daphne_access_log() -> None:
-    """Send daphne's access log (which it writes straight to stdout) through logging, so that with
-    LOG_FORMAT=json every line the web process prints is one JSON object."""
-    try:
-        from daphne.access import AccessLogGenerator  # noqa: PLC0415 - only under daphne
-    except ImportError:
-        return
-    access = logging.getLogger("daphne.access")
-
-    def write_entry(  # noqa: PLR0917 - daphne calls it positionally
-        self: AccessLogGenerator,
-        host: str,
-        date: datetime,
-        request: str,
-        status: int | None = None,
-        length: int | None = None,
-        ident: str | None = None,
-        user: str | None = None,
-    ) -> None:
-        access.info("%s %s", request, status, extra={"client": host, "status": status, "length": length})
-
-    AccessLogGenerator.write_entry = write_entry

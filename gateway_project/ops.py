@@ -4,41 +4,19 @@ from __future__ import annotations
 
 import asyncio
 
-import redis.asyncio as aioredis
-from asgiref.sync import sync_to_async
-from django.conf import settings
-from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from events import metrics as gateway_metrics
+from events.ops import health
+from events.ops import metrics as gateway_metrics
 
 
 async def healthz(request: HttpRequest) -> HttpResponse:
-    return JsonResponse({"status": "ok"})
-
-
-def _database_ok() -> bool:
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        return True
-    except Exception:  # noqa: BLE001 - any failure means not ready
-        return False
-
-
-async def _redis_ok() -> bool:
-    client = aioredis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        return bool(await asyncio.wait_for(client.ping(), 3))
-    except Exception:  # noqa: BLE001
-        return False
-    finally:
-        await client.aclose()
+    return JsonResponse(health.LIVE)
 
 
 async def readyz(request: HttpRequest) -> HttpResponse:
-    checks = {"redis": await _redis_ok(), "database": await sync_to_async(_database_ok)()}
+    checks = await health.readiness()
     return JsonResponse(checks, status=200 if all(checks.values()) else 503)
 
 

@@ -27,7 +27,7 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from redis import RedisError
 
-from events import envelope
+from events.core import envelope
 from subscriptions import selectors, services
 from subscriptions.models import BroadcastDelivery, DeliveryAudit, Grant, RejectedRecord, Subscription
 

@@ -7,16 +7,13 @@ import uuid
 from django.db import models
 from django.db.models import Q
 
+from events.core.records import CloseReason, DeliveryStatus
+
 
 class Subscription(models.Model):
     """One opened SSE stream."""
 
-    class CloseReason(models.TextChoices):
-        CLIENT_GONE = "client_gone", "client disconnected"
-        SLOW_CLIENT = "slow_client", "client fell too far behind"
-        AUTH_EXPIRED = "auth_expired", "bearer token expired"
-        SHUTDOWN = "shutdown", "server shut down"
-        SERVER_ERROR = "server_error", "transient server fault"
+    CloseReason = CloseReason
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False, verbose_name="stream id")
     user = models.CharField(max_length=150)
@@ -49,13 +46,10 @@ class Subscription(models.Model):
 class DeliveryAudit(models.Model):
     """The outcome of one event on one stream."""
 
-    class Status(models.TextChoices):
-        DELIVERED = "delivered"
-        REPLAYED = "replayed"
-        DROPPED = "dropped"
+    Status = DeliveryStatus
 
     # No index of its own: audit_sub_sent starts with it. No database constraint either: audit batches
-    # are written by several consumer processes in whatever order they arrive (events/audit.py).
+    # are written by several consumer processes in whatever order they arrive (events/ingest/audit_sink.py).
     subscription = models.ForeignKey(
         Subscription,
         on_delete=models.CASCADE,

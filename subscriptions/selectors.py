@@ -13,14 +13,12 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-import redis
-from django.conf import settings
 from django.db import connections, models
 from django.db.models import Q
 from django.utils import timezone
 
-from events import routing
-from events.store import parse_id
+from events.core import blocking
+from events.core.store import parse_id
 from subscriptions.models import BroadcastDelivery, DeliveryAudit, Grant, RejectedRecord, Subscription
 
 EVENT_ID = re.compile(r"^\d{1,15}-\d{1,15}$")
@@ -189,19 +187,7 @@ def stored_event_get(*, event_id: str) -> dict[str, str] | None:
 
     Raises redis.RedisError when Redis cannot be reached.
     """
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        entries = client.xrange(routing.EVENTS_STREAM, min=event_id, max=event_id, count=1)
-    finally:
-        client.close()
-    if not entries:
-        return None
-    _, fields = entries[0]
-    return {_text(k): _text(v) for k, v in (fields or {}).items()}
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return blocking.stored_event_get(event_id=event_id)
 
 
 def broadcasts_matching(

@@ -14,7 +14,8 @@ from django.db.models import Exists, Model, OuterRef
 from django.utils import timezone
 from redis import RedisError
 
-from events import control
+from events.core import blocking
+from events.core.audit import AuditBatch, BroadcastRow, DeliveryRow, StreamRow
 from subscriptions.models import BroadcastDelivery, DeliveryAudit, Grant, RejectedRecord, Subscription
 
 
@@ -41,57 +42,11 @@ def rejected_records_create(*, records: Sequence[RejectedRecord]) -> None:
     RejectedRecord.objects.bulk_create(records)
 
 
-# The columns of the rows streams_record takes, in order (events.audit builds them; times are epoch seconds).
-SUBSCRIPTION_COLUMNS = (
-    "id",
-    "user",
-    "process_instances",
-    "auth_method",
-    "opened_at",
-    "resumed_from",
-    "client_address",
-    "user_agent",
-    "instance",
-    "closed_at",
-    "close_reason",
-    "last_event_id",
-    "events_delivered",
-)
-DELIVERY_COLUMNS = (
-    "subscription",
-    "event_id",
-    "event",
-    "status",
-    "user",
-    "process_instance",
-    "kafka_topic",
-    "kafka_partition",
-    "kafka_offset",
-    "sent_at",
-    "latency_ms",
-)
-BROADCAST_COLUMNS = (
-    "event_id",
-    "event",
-    "instance",
-    "streams",
-    "sent_at",
-    "latency_ms",
-    "kafka_topic",
-    "kafka_partition",
-    "kafka_offset",
-)
 AUDIT_LOCK_TIMEOUT_MS = 500
 _CLOSE_FIELDS = ["closed_at", "close_reason", "last_event_id", "events_delivered"]
 
 
-def streams_record(
-    *,
-    opened: Sequence[Sequence[Any]],
-    deliveries: Sequence[Sequence[Any]],
-    broadcasts: Sequence[Sequence[Any]],
-    closed: Sequence[Sequence[Any]],
-) -> None:
+def streams_record(*, batch: AuditBatch) -> None:
     """Write one batch of what a web process's streams did. Batches may arrive in any order (several
     sinks, retries): stream rows are upserts, and deliveries do not need their stream's row first."""
     with transaction.atomic():
@@ -100,22 +55,22 @@ def streams_record(
             # deadlock: the batch stays in Redis and is retried.
             with connection.cursor() as cursor:
                 cursor.execute(f"SET LOCAL lock_timeout = '{AUDIT_LOCK_TIMEOUT_MS}ms'")
-        Subscription.objects.bulk_create([_subscription(row) for row in opened], ignore_conflicts=True)
+        Subscription.objects.bulk_create([_subscription(row) for row in batch.opened], ignore_conflicts=True)
         Subscription.objects.bulk_create(
-            [_subscription(row) for row in closed],
+            [_subscription(row) for row in batch.closed],
             update_conflicts=True,
             unique_fields=["id"],
             update_fields=_CLOSE_FIELDS,
         )
-        _insert(DeliveryAudit, DELIVERY_COLUMNS, deliveries)
-        _insert(BroadcastDelivery, BROADCAST_COLUMNS, broadcasts)
+        _insert(DeliveryAudit, DeliveryRow._fields, batch.deliveries)
+        _insert(BroadcastDelivery, BroadcastRow._fields, batch.broadcasts)
 
 
-def _subscription(row: Sequence[Any]) -> Subscription:
-    values = dict(zip(SUBSCRIPTION_COLUMNS, row, strict=True))
-    values["id"] = uuid.UUID(values["id"])
-    values["opened_at"] = _when(values["opened_at"])
-    values["closed_at"] = _when(values["closed_at"]) if values["closed_at"] is not None else None
+def _subscription(row: StreamRow) -> Subscription:
+    values: dict[str, Any] = row._asdict()
+    values["id"] = uuid.UUID(row.id)
+    values["opened_at"] = _when(row.opened_at)
+    values["closed_at"] = _when(row.closed_at) if row.closed_at is not None else None
     return Subscription(**values)
 
 
@@ -128,25 +83,21 @@ def db_columns(model: type[Model], names: Sequence[str]) -> list[str]:
     return [str(model._meta.get_field(name).column) for name in names]  # type: ignore[union-attr]
 
 
-def _insert(model: type[Model], columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """One INSERT executed for many rows, without model instances: with a row per delivery this is the
-    audit's hot path, and building model instances costs several times the insert itself."""
-    if not rows:
-        return
-    meta = model._meta
-    fields = [meta.get_field(name) for name in columns]
-    names = ", ".join(connection.ops.quote_name(column) for column in db_columns(model, columns))
-    placeholders = ", ".join(["%s"] * len(fields))
-    sql = f"INSERT INTO {connection.ops.quote_name(meta.db_table)} ({names}) VALUES ({placeholders})"  # noqa: S608
+def audit_params(model: type[Model], columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """Audit wire rows (events.core.audit: ids as text, times as epoch seconds, -1 for "none") as database
+    parameters for `model`'s `columns`."""
+    fields = [model._meta.get_field(name) for name in columns]
     prepared: list[dict[Any, Any]] = [{} for _ in fields]  # the same value is prepared once per batch
     convert: list[Any] = []
     for field in fields:
-        if isinstance(field, models.ForeignKey):
+        if isinstance(field, models.ForeignKey) or (isinstance(field, models.UUIDField) and field.primary_key):
             convert.append(lambda v, f=field: f.get_db_prep_value(uuid.UUID(v), connection))
         elif isinstance(field, models.DateTimeField):
-            convert.append(lambda v, f=field: f.get_db_prep_value(_when(v), connection))
+            convert.append(lambda v, f=field: f.get_db_prep_value(_when(v), connection) if v is not None else None)
         elif isinstance(field, models.IntegerField | models.BigIntegerField) and field.null:
             convert.append(lambda v: v if v is not None and v >= 0 else None)
+        elif isinstance(field, models.JSONField):
+            convert.append(lambda v, f=field: f.get_db_prep_value(v, connection))
         else:
             convert.append(None)
     params = []
@@ -158,10 +109,24 @@ def _insert(model: type[Model], columns: Sequence[str], rows: Sequence[Sequence[
                 values.append(raw)
                 continue
             cache = prepared[index]
-            if raw not in cache:
-                cache[raw] = fn(raw)
-            values.append(cache[raw])
+            key = raw if not isinstance(raw, list) else tuple(raw)
+            if key not in cache:
+                cache[key] = fn(raw)
+            values.append(cache[key])
         params.append(values)
+    return params
+
+
+def _insert(model: type[Model], columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """One INSERT executed for many rows, without model instances: with a row per delivery this is the
+    audit's hot path, and building model instances costs several times the insert itself."""
+    if not rows:
+        return
+    meta = model._meta
+    names = ", ".join(connection.ops.quote_name(column) for column in db_columns(model, columns))
+    placeholders = ", ".join(["%s"] * len(columns))
+    sql = f"INSERT INTO {connection.ops.quote_name(meta.db_table)} ({names}) VALUES ({placeholders})"  # noqa: S608
+    params = audit_params(model, columns, rows)
     with connection.cursor() as cursor:
         cursor.executemany(sql, params)
 
@@ -217,7 +182,7 @@ def grant_revoke_from_admin(*, grant_ids: Sequence[int], admin: str) -> int:
 
 def _announce(grant: Grant, *, granted: bool) -> None:
     try:
-        control.store_grant_change(user=grant.user, process_instance=grant.process_instance, granted=granted)
+        blocking.store_grant_change(user=grant.user, process_instance=grant.process_instance, granted=granted)
     except (RedisError, OSError) as exc:
         raise GrantChangeFailed(f"open streams could not be told, so {grant} was not changed: {exc}") from exc
 

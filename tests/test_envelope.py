@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from events.envelope import Event, InvalidRecord, Rejection, parse
+from events.core.envelope import Event, InvalidRecord, Rejection, parse
 
 
 def _parse(value: object, default_type: str = "message") -> Event:

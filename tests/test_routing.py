@@ -2,7 +2,7 @@
 
 import pytest
 
-from events import routing
+from events.core import routing
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """SSE frames: exact wire format, and nothing a value contains can start a new field."""
 
-from events import sse
+from events.core import sse
 
 
 def test_frame_wire_format() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from events.publish import envelope_build, event_publish
+from events.ingest.publish import envelope_build, event_publish
 
 
 class Command(BaseCommand):

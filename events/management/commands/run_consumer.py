@@ -9,10 +9,10 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from events import audit_process
-from events.hub import INSTANCE
-from events.ingest import IngestService
-from events.opsserver import serve_ops
+from events.core.instance import INSTANCE
+from events.ingest import audit_process
+from events.ingest.opsserver import serve_ops
+from events.ingest.service import IngestService
 
 
 class Command(BaseCommand):

@@ -7,7 +7,6 @@ what is there. Deliveries are written with raw multi-row statements (COPY on Pos
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import time
 import uuid
@@ -20,6 +19,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection, transaction
 from django.utils import timezone
 
+from events.core.audit import DeliveryRow, StreamRow
 from subscriptions import services
 from subscriptions.models import DeliveryAudit, Grant, RejectedRecord, Subscription
 
@@ -96,13 +96,11 @@ def generate(
     user_weights = list(itertools.accumulate(1 / (i + 1) ** 0.7 for i in range(len(users))))
     process_instances = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(max(10, rows // 2000))]
     instances = [f"web-{i}.gateway.internal:{1000 + 17 * i}" for i in range(4)]
-    pk_prep = Subscription._meta.pk.get_db_prep_value
-    adapt_dt = connection.ops.adapt_datetimefield_value
 
     streams_written = deliveries_written = opened_now = 0
     followed_pairs: dict[tuple[str, str], datetime] = {}
-    sub_rows: list[Sequence[Any]] = []
-    audit_rows: list[Sequence[Any]] = []
+    sub_rows: list[StreamRow] = []
+    audit_rows: list[DeliveryRow] = []
     next_report = 200_000
     while deliveries_written + len(audit_rows) < rows:
         stream_id = uuid.UUID(int=rng.getrandbits(128), version=4)
@@ -129,7 +127,7 @@ def generate(
         delivered = 0
         dropped_from = count - rng.randint(1, 30) if close_reason == "slow_client" else count
         replayed_until = rng.randint(1, 6) if resumed else 0
-        stream_pk = pk_prep(stream_id, connection)
+        stream_pk = str(stream_id)
         for i, offset_s in enumerate(times):
             sent = opened + timedelta(seconds=offset_s)
             ms = int(sent.timestamp() * 1000)
@@ -156,7 +154,7 @@ def generate(
                 delivered += 1
                 last_event_id = event_id
             audit_rows.append(
-                (
+                DeliveryRow(
                     stream_pk,
                     event_id,
                     event,
@@ -166,22 +164,22 @@ def generate(
                     TOPIC,
                     ms % PARTITIONS,
                     ms // 7,
-                    adapt_dt(sent),
+                    sent.timestamp(),
                     latency,
                 )
             )
         sub_rows.append(
-            (
+            StreamRow(
                 stream_pk,
                 user,
-                json.dumps(sorted(followed)),
+                sorted(followed),
                 rng.choice(AUTH_METHODS),
-                adapt_dt(opened),
+                opened.timestamp(),
                 f"{int(opened.timestamp() * 1000) - 5000}-0" if resumed else "",
                 f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
                 rng.choice(USER_AGENTS),
                 rng.choice(instances),
-                adapt_dt(closed) if closed else None,
+                closed.timestamp() if closed else None,
                 close_reason,
                 last_event_id,
                 delivered,
@@ -212,20 +210,26 @@ def _columns(model: Any, *, skip_auto: bool) -> list[str]:
     return [f.column for f in model._meta.concrete_fields if not (skip_auto and f.primary_key and f.auto_created)]
 
 
-def _write(sub_rows: list[Sequence[Any]], audit_rows: list[Sequence[Any]]) -> None:
+def _write(sub_rows: list[StreamRow], audit_rows: list[DeliveryRow]) -> None:
+    """Write rows in the audit wire format (events.core.audit), as the audit sink would, but by COPY."""
     sub_columns = _columns(Subscription, skip_auto=False)
     audit_columns = _columns(DeliveryAudit, skip_auto=True)
-    # The rows above are in the column order the audit writer uses (services.*_COLUMNS).
-    sub_order = services.db_columns(Subscription, services.SUBSCRIPTION_COLUMNS)
-    audit_order = services.db_columns(DeliveryAudit, services.DELIVERY_COLUMNS)
+    sub_order = services.db_columns(Subscription, StreamRow._fields)
+    audit_order = services.db_columns(DeliveryAudit, DeliveryRow._fields)
     if sorted(sub_columns) != sorted(sub_order) or sorted(audit_columns) != sorted(audit_order):
-        raise CommandError("the models changed: update generate_audits")
+        raise CommandError("the models and the audit rows (events/core/audit.py) differ: update both")
     with transaction.atomic():
-        _insert(Subscription._meta.db_table, sub_order, sub_rows)
-        _insert(DeliveryAudit._meta.db_table, audit_order, audit_rows)
+        _insert(
+            Subscription._meta.db_table, sub_order, services.audit_params(Subscription, StreamRow._fields, sub_rows)
+        )
+        _insert(
+            DeliveryAudit._meta.db_table,
+            audit_order,
+            services.audit_params(DeliveryAudit, DeliveryRow._fields, audit_rows),
+        )
 
 
-def _insert(table: str, columns: list[str], rows: list[Sequence[Any]]) -> None:
+def _insert(table: str, columns: list[str], rows: Sequence[Sequence[Any]]) -> None:
     if not rows:
         return
     qn = connection.ops.quote_name

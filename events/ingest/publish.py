@@ -9,8 +9,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from django.conf import settings
 
-from events import envelope as envelopes
-from events.ingest import kafka_options
+from events.core import envelope as envelopes
+from events.ingest.kafka import kafka_options
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -24,16 +23,19 @@ from typing import Any, TypeAlias
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import CommitFailedError, KafkaError
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections
 
-from events import envelope, metrics, routing
-from events.store import EventStore, Record
+from events.core import envelope, routing
+from events.core.records import Record
+from events.core.store import EventStore
+from events.ingest import dead_letters
+from events.ingest.kafka import kafka_options
+from events.ops import metrics
 from subscriptions import services
-from subscriptions.models import RejectedRecord
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +50,6 @@ Message: TypeAlias = ConsumerRecord[bytes, bytes]
 Batch: TypeAlias = dict[TopicPartition, list[Message]]
 # Backoff while a backing service is down: start fast (a blip), settle at 5 s (a restart).
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0
-
-
-def kafka_options() -> dict[str, Any]:
-    """Connection options shared by the consumer and producers, from settings."""
-    options: dict[str, Any] = {
-        "bootstrap_servers": settings.KAFKA_BOOTSTRAP_SERVERS,
-        "security_protocol": settings.KAFKA_SECURITY_PROTOCOL,
-    }
-    if settings.KAFKA_SECURITY_PROTOCOL in {"SSL", "SASL_SSL"}:
-        options["ssl_context"] = ssl.create_default_context()
-    if settings.KAFKA_SECURITY_PROTOCOL.startswith("SASL"):
-        options.update(
-            sasl_mechanism=settings.KAFKA_SASL_MECHANISM or "PLAIN",
-            sasl_plain_username=settings.KAFKA_SASL_USERNAME,
-            sasl_plain_password=settings.KAFKA_SASL_PASSWORD,
-        )
-    return options
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -205,7 +190,8 @@ class IngestService:
             await sync_to_async(_apply_grants)(grants)
         rejected = [(m, r) for m, r in fresh if isinstance(r, envelope.InvalidRecord)]
         if rejected:
-            await self._dead_letter(rejected)
+            assert self.producer is not None
+            await dead_letters.send(self.producer, rejected)
         records = [
             Record(m.topic, m.partition, m.offset, m.timestamp, r if isinstance(r, envelope.Event) else None)
             for m, r in fresh
@@ -224,39 +210,6 @@ class IngestService:
         for topic, count in duplicates.items():
             metrics.EVENTS_DUPLICATE.labels(topic).inc(count)
         return [i for i in ids if i and i != "dup"]
-
-    async def _dead_letter(self, rejected: list[tuple[ConsumerRecord[bytes, bytes], envelope.InvalidRecord]]) -> None:
-        assert self.producer is not None
-        for message, error in rejected:
-            logger.warning(
-                "record rejected",
-                extra={
-                    "topic": message.topic,
-                    "partition": message.partition,
-                    "offset": message.offset,
-                    "reason": error.reason.value,
-                    "detail": error.detail,
-                },
-            )
-            headers = [
-                *message.headers,
-                ("x-gateway-error", str(error).encode()),
-                ("x-gateway-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
-            ]
-            try:
-                await self.producer.send_and_wait(
-                    settings.KAFKA_DLQ_TOPIC, value=message.value, key=message.key, headers=headers
-                )
-            except MessageSizeTooLargeError:
-                # The DLQ topic takes smaller records than the source: keep the coordinates, drop the value.
-                await self.producer.send_and_wait(
-                    settings.KAFKA_DLQ_TOPIC,
-                    value=None,
-                    key=message.key,
-                    headers=[*headers, ("x-gateway-value-dropped", b"too large for the dead-letter topic")],
-                )
-            metrics.EVENTS_REJECTED.labels(message.topic, error.reason.value).inc()
-        await sync_to_async(_record_rejections)(rejected)
 
     async def _announce(self, ids: list[str]) -> None:
         """Tell web processes new events are durable. Best effort: they also poll the store."""
@@ -329,30 +282,3 @@ def _apply_grants(grants: list[tuple[ConsumerRecord[bytes, bytes], envelope.Even
             services.grant_revoke(
                 user=event.user, process_instance=event.process_instance, revoked_by=_coordinates(message), at=at
             )
-
-
-def _record_rejections(rejected: list[tuple[ConsumerRecord[bytes, bytes], envelope.InvalidRecord]]) -> None:
-    close_old_connections()
-    now = datetime.now(UTC)
-    services.rejected_records_create(
-        records=[
-            RejectedRecord(
-                received_at=now,
-                topic=m.topic,
-                partition=m.partition,
-                offset=m.offset,
-                reason=e.reason.value,
-                detail=e.detail,
-                key=_printable(m.key or b"")[:1000],
-                value_preview=_printable((m.value or b"")[:4096]),
-                value_size=len(m.value or b""),
-                headers=[[k, _printable(v)] for k, v in m.headers],
-            )
-            for m, e in rejected
-        ]
-    )
-
-
-def _printable(raw: bytes) -> str:
-    """Bytes as text a database column takes (PostgreSQL refuses NUL)."""
-    return raw.decode("utf-8", "replace").replace("\x00", "\ufffd")

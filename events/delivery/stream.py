@@ -10,17 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
-from datetime import UTC, datetime
 
 from django.conf import settings
 
-from events import metrics, routing, sse
-from events.hub import INSTANCE, Hub, render
-from events.store import StoredEvent
-from subscriptions.models import DeliveryAudit, Subscription
+from events.core import routing, sse
+from events.core.audit import StreamRow
+from events.core.instance import INSTANCE
+from events.core.records import CloseReason, DeliveryStatus, StoredEvent
+from events.delivery.hub import Hub, render
+from events.ops import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Stream:
         self._heartbeat: float = settings.EVENTS_HEARTBEAT_SECONDS
         self._pending: list[tuple[StoredEvent | None, bytes]] = []
         self._wake = asyncio.Event()
-        self._close_reason: str | None = None
+        self._close_reason: CloseReason | None = None
         self._last_write = time.time()
         self._ping_due = False
         # Cumulative byte offsets at which each written event ends, to count events the client
@@ -65,16 +65,21 @@ class Stream:
         self._written_bytes = 0
         self.position = ""
         self.delivered = 0
-        self.subscription = Subscription(
-            id=uuid.UUID(stream_id),
+        # The stream's audit row; opened_at is set on registration and the end fields on close.
+        self.record = StreamRow(
+            id=stream_id,
             user=user,
             process_instances=sorted(followed),
             auth_method=auth_method,
-            opened_at=datetime.now(UTC),
+            opened_at=time.time(),
             resumed_from=(last_event_id or "")[:40],
             client_address=client_address[:64],
             user_agent=user_agent[:512],
             instance=INSTANCE[:128],
+            closed_at=None,
+            close_reason="",
+            last_event_id="",
+            events_delivered=0,
         )
 
     # --- called by the hub, in the event loop, never blocking -------------------------------------------
@@ -83,7 +88,7 @@ class Stream:
             return
         self._pending.append((event, frame))
         if len(self._pending) + len(self._unflushed_ends) > self._buffer_limit:
-            self.close(Subscription.CloseReason.SLOW_CLIENT)
+            self.close(CloseReason.SLOW_CLIENT)
         self._wake.set()
 
     def push_unsubscribe(self, event: StoredEvent) -> None:
@@ -100,12 +105,12 @@ class Stream:
 
     def tick(self, now: float) -> None:
         if self.expires_at is not None and now >= self.expires_at:
-            self.close(Subscription.CloseReason.AUTH_EXPIRED)
+            self.close(CloseReason.AUTH_EXPIRED)
         elif now - self._last_write >= self._heartbeat:
             self._ping_due = True
             self._wake.set()
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: CloseReason) -> None:
         if self._close_reason is None:
             self._close_reason = reason
             self._wake.set()
@@ -113,29 +118,29 @@ class Stream:
     # --- the response body -------------------------------------------------------------------------------
     async def body(self) -> AsyncGenerator[bytes, None]:
         metrics.OPEN_STREAMS.inc()
-        reason = Subscription.CloseReason.CLIENT_GONE
+        reason = CloseReason.CLIENT_GONE
         try:
             start = self.hub.register(self)
             # Open from here: broadcasts handed out from now on reach this stream (the audit relies on it).
-            self.subscription.opened_at = datetime.now(UTC)
-            self.hub.audit.opened(self.subscription)
+            self.record = self.record._replace(opened_at=time.time())
+            self.hub.audit.opened(self.record)
             first = sse.retry(settings.EVENTS_RETRY_MS) + await self._resume(start)
             yield self._written(first)
             while True:
                 await self._wake.wait()
                 self._wake.clear()
                 if self._close_reason is not None:
-                    reason = self._close_reason  # type: ignore[assignment]
+                    reason = self._close_reason
                     # What is queued goes out when the server ends the stream; a client that is gone or too
                     # slow does not get it, and it is audited as dropped.
-                    gone = reason in (Subscription.CloseReason.SLOW_CLIENT, Subscription.CloseReason.CLIENT_GONE)
+                    gone = reason in (CloseReason.SLOW_CLIENT, CloseReason.CLIENT_GONE)
                     chunk = b"" if gone else self._take()
                     if chunk:
                         yield self._written(chunk)
                     final = self._final_words(reason)
                     if final:
                         yield self._written(final)
-                    if reason == Subscription.CloseReason.SLOW_CLIENT and self._abort is not None:
+                    if reason == CloseReason.SLOW_CLIENT and self._abort is not None:
                         self._abort()
                     return
                 chunk = self._take()
@@ -176,7 +181,7 @@ class Stream:
                 out.append(sse.frame(event.id, event.event, render(event)))
                 sent.append(event)
         if sent:
-            self._record(sent, DeliveryAudit.Status.REPLAYED)
+            self._record(sent, DeliveryStatus.REPLAYED)
         return b"".join(out) + sse.position(start)
 
     def _take(self) -> bytes:
@@ -185,13 +190,13 @@ class Stream:
             return b""
         events = [event for event, _ in pending if event is not None]
         if events:
-            self._record(events, DeliveryAudit.Status.DELIVERED)
+            self._record(events, DeliveryStatus.DELIVERED)
             self.position = events[-1].id
         return b"".join(frame for _, frame in pending)
 
-    def _record(self, events: list[StoredEvent], status: str) -> None:
+    def _record(self, events: list[StoredEvent], status: DeliveryStatus) -> None:
         now = time.time()
-        if status != DeliveryAudit.Status.DROPPED:
+        if status != DeliveryStatus.DROPPED:
             self.delivered += len(events)
             self.position = events[-1].id
             for event in events:
@@ -216,28 +221,30 @@ class Stream:
         while self._unflushed_ends and self._unflushed_ends[0] <= flushed:
             self._unflushed_ends.popleft()
         if len(self._unflushed_ends) + len(self._pending) > self._buffer_limit:
-            self.close(Subscription.CloseReason.SLOW_CLIENT)
+            self.close(CloseReason.SLOW_CLIENT)
 
-    def _final_words(self, reason: str) -> bytes:
-        if reason == Subscription.CloseReason.AUTH_EXPIRED:
+    def _final_words(self, reason: CloseReason) -> bytes:
+        if reason == CloseReason.AUTH_EXPIRED:
             return sse.control("auth-expired", {"reason": "the bearer token expired"})
-        if reason == Subscription.CloseReason.SHUTDOWN:
+        if reason == CloseReason.SHUTDOWN:
             return sse.retry(settings.EVENTS_RETRY_MS)
         return b""
 
-    def _finish(self, reason: str) -> None:
+    def _finish(self, reason: CloseReason) -> None:
         dropped = [event for event, _ in self._pending if event is not None]
         self._pending.clear()
         if dropped:
-            self._record(dropped, DeliveryAudit.Status.DROPPED)
+            self._record(dropped, DeliveryStatus.DROPPED)
         self.hub.unregister(self)
         metrics.OPEN_STREAMS.dec()
-        sub = self.subscription
-        sub.closed_at = datetime.now(UTC)
-        sub.close_reason = reason
-        sub.last_event_id = self.position[:40]
-        sub.events_delivered = self.delivered
-        self.hub.audit.closed(sub)
+        self.hub.audit.closed(
+            self.record._replace(
+                closed_at=time.time(),
+                close_reason=reason,
+                last_event_id=self.position[:40],
+                events_delivered=self.delivered,
+            )
+        )
         logger.info(
             "stream closed", extra={"stream": self.id, "user": self.user, "reason": reason, "delivered": self.delivered}
         )

@@ -7,33 +7,15 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from events.ops import health
+
 if TYPE_CHECKING:
-    from events.ingest import IngestService
+    from events.ingest.service import IngestService
 
 logger = logging.getLogger(__name__)
-
-
-def _database_ok() -> bool:
-    try:
-        connection.ensure_connection()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means not ready
-        return False
-
-
-async def _readiness(service: IngestService) -> dict[str, bool]:
-    checks = {"kafka": service.ready and service.consumer is not None}
-    try:
-        checks["redis"] = bool(service.redis is not None and await asyncio.wait_for(service.redis.ping(), 2))
-    except Exception:  # noqa: BLE001
-        checks["redis"] = False
-    checks["database"] = await sync_to_async(_database_ok)()
-    return checks
 
 
 async def serve_ops(service: IngestService, *, port: int | None) -> asyncio.Server | None:
@@ -50,9 +32,11 @@ async def serve_ops(service: IngestService, *, port: int | None) -> asyncio.Serv
             parts = request_line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) > 1 else ""
             if path == "/healthz":
-                status, ctype, body = 200, "application/json", b'{"status": "ok"}'
+                status, ctype, body = 200, "application/json", json.dumps(health.LIVE).encode()
             elif path == "/readyz":
-                checks = await _readiness(service)
+                checks = await health.readiness(
+                    redis=service.redis, kafka=service.ready and service.consumer is not None
+                )
                 status = 200 if all(checks.values()) else 503
                 assigned = len(service.consumer.assignment()) if service.ready and service.consumer else 0
                 ctype = "application/json"

@@ -66,7 +66,7 @@ async def _run(name: str, parent_pid: int) -> None:
     import redis.asyncio as aioredis  # noqa: PLC0415
     from django.conf import settings  # noqa: PLC0415
 
-    from events.audit import AuditSink  # noqa: PLC0415
+    from events.ingest.audit_sink import AuditSink  # noqa: PLC0415
 
     sink = AuditSink(aioredis.from_url(settings.REDIS_URL, socket_timeout=10), name=f"{name}/audit")
     loop = asyncio.get_running_loop()

@@ -1,6 +1,6 @@
-"""The demo page (`/demo/`): a logged-in user watches their stream in the browser and publishes test events.
+"""The demo page's views: a logged-in user watches their stream in the browser and publishes test events.
 
-Included from gateway_project/urls.py under `demo/`. No build step: a template and one plain JS file.
+No build step: a template and one plain JS file.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
-from django.urls import path, reverse
+from django.urls import reverse
 from django.views.decorators.http import require_POST, require_safe
 
-from events.auth import VIEW_ALL
-from events.endpoint import PATH as STREAM_PATH
-from events.envelope import EVENT_NAME, PROCESS_INSTANCE, InvalidRecord
-from events.publish import envelope_build, envelope_check, event_publish
+from events.core.envelope import EVENT_NAME, PROCESS_INSTANCE, InvalidRecord
+from events.delivery.auth import VIEW_ALL
+from events.delivery.endpoint import PATH as STREAM_PATH
+from events.ingest.publish import envelope_build, envelope_check, event_publish
 from subscriptions.models import Grant
 from subscriptions.selectors import grants_missing
 
@@ -123,9 +123,3 @@ async def publish(request: HttpRequest) -> HttpResponse:
         },
         status=201,
     )
-
-
-urlpatterns = [
-    path("", page, name="demo"),
-    path("publish", publish, name="demo-publish"),
-]

@@ -11,27 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
-import os
-import signal
-import socket
-import sys
-import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from events import routing, sse
-from events.audit import AuditWriter
-from events.store import EventStore, StoredEvent
+from events.core import routing, sse
+from events.core.instance import INSTANCE
+from events.core.records import CloseReason, StoredEvent
+from events.core.store import EventStore
+from events.delivery.audit_writer import AuditWriter
 
 if TYPE_CHECKING:
-    from events.streams import Stream
+    from events.delivery.stream import Stream
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +38,6 @@ POLL_SECONDS = 1.0
 TICK_SECONDS = 1.0
 # Open-stream slots of a process that died expire after this; refreshed every tick-set.
 SLOT_TTL_SECONDS = 60
-
-INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
 
 _CLAIM_LUA = """
 local now = tonumber(ARGV[1])
@@ -70,9 +65,6 @@ class Hub:
         self.healthy = False
 
     async def start(self) -> None:
-        # Everything loaded so far (Django, the app) lives as long as the process: keep it out of the
-        # collector's full passes, which otherwise scan it all every few seconds under load (p99 spikes).
-        gc.freeze()
         self.frontier = await self.store.last_id()
         self.healthy = True
         loop = asyncio.get_running_loop()
@@ -86,7 +78,7 @@ class Hub:
     async def stop(self, grace: float = 5.0) -> None:
         """Close every stream with a final retry, flush audits, release connections. Idempotent."""
         for stream in list(self.streams):
-            stream.close("shutdown")
+            stream.close(CloseReason.SHUTDOWN)
         if self.streams:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), grace)
@@ -245,6 +237,12 @@ def render(event: StoredEvent) -> str:
 
 _hub: Hub | None = None
 _hub_lock: asyncio.Lock | None = None
+_started_hooks: list[Callable[[], None]] = []
+
+
+def on_started(callback: Callable[[], None]) -> None:
+    """Call `callback` in the event loop once the process's hub has started (the server adapter's hook)."""
+    _started_hooks.append(callback)
 
 
 async def get_hub() -> Hub:
@@ -259,7 +257,8 @@ async def get_hub() -> Hub:
             hub = Hub()
             await hub.start()
             _hub = hub
-            _install_graceful_shutdown()
+            for callback in _started_hooks:
+                callback()
     return _hub
 
 
@@ -268,35 +267,3 @@ async def shutdown_hub() -> None:
     hub, _hub = _hub, None
     if hub is not None:
         await hub.stop()
-
-
-def _install_graceful_shutdown() -> None:
-    """Under daphne, SIGTERM/SIGINT first close the open streams with a final `retry:` (clients reconnect
-    to another process) and flush audits, then stop the server. Twisted would cancel the streams at once."""
-    if "twisted.internet.reactor" not in sys.modules or threading.current_thread() is not threading.main_thread():
-        return
-    from twisted.internet import reactor  # noqa: PLC0415 - only under daphne
-
-    loop = asyncio.get_running_loop()
-    stopping = False
-
-    async def graceful() -> None:
-        try:
-            await shutdown_hub()
-        finally:
-            reactor.stop()  # type: ignore[misc]
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if stopping:  # a second signal: stop now
-            loop.call_soon_threadsafe(reactor.stop)  # type: ignore[misc]
-            return
-        stopping = True
-        logger.info("signal %d: closing open streams, then stopping", signum)
-        loop.call_soon_threadsafe(lambda: _shutdown_tasks.add(loop.create_task(graceful())))
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-
-
-_shutdown_tasks: set[asyncio.Task[None]] = set()

@@ -18,7 +18,7 @@ from django.contrib.auth import get_user, get_user_model
 from django.db import InterfaceError, OperationalError, connection
 from django.http import HttpRequest
 
-from events import routing
+from events.core import routing
 
 TICKET_SECONDS = 30
 VIEW_ALL = "subscriptions.view_all_process_instances"

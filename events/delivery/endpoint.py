@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from http.cookies import SimpleCookie
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import redis.asyncio as aioredis
@@ -25,13 +25,14 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
-from events import metrics, middleware, sse
-from events.auth import AuthError, Credentials, authenticate
-from events.envelope import PROCESS_INSTANCE
-from events.hub import get_hub
-from events.streams import Stream
-from events.transport import probe_for
-from subscriptions.models import Subscription
+from events.core import sse
+from events.core.envelope import PROCESS_INSTANCE
+from events.core.records import CloseReason
+from events.delivery import cors
+from events.delivery.auth import AuthError, Credentials, authenticate
+from events.delivery.hub import get_hub
+from events.delivery.stream import Stream
+from events.ops import metrics
 from subscriptions.selectors import grants_missing
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,17 @@ PATH = "/api/events/stream"
 MAX_PROCESS_INSTANCES = 20
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class SocketProbe(Protocol):
+    """What the server adapter can tell a stream about its connection (events/delivery/daphne.py)."""
+
+    def buffered(self) -> int | None: ...
+
+    def abort(self) -> None: ...
+
+
+ProbeFor = Callable[[Send], SocketProbe | None]
 
 
 class Refused(Exception):
@@ -79,32 +91,43 @@ class StreamRequest:
         )
 
 
-async def stream_endpoint(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+class StreamEndpoint:
+    """The ASGI application for PATH; `probe_for` comes from the server adapter (None: no probe)."""
+
+    def __init__(self, *, probe_for: ProbeFor | None = None) -> None:
+        self.probe_for = probe_for
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        probe = self.probe_for(send) if self.probe_for is not None else None
+        await stream_endpoint(scope, receive, send, probe=probe)
+
+
+async def stream_endpoint(scope: dict[str, Any], receive: Receive, send: Send, *, probe: SocketProbe | None) -> None:
     request = StreamRequest(scope)
     origin = request.headers.get("origin")
-    if middleware.is_preflight(request.method, PATH, "access-control-request-method" in request.headers):
-        await _respond(send, 204, b"", "text/plain", middleware.preflight_headers(origin))
+    if cors.is_preflight(request.method, PATH, "access-control-request-method" in request.headers):
+        await _respond(send, 204, b"", "text/plain", cors.preflight_headers(origin))
         return
-    cors = middleware.response_headers(origin)
+    cors_headers = cors.response_headers(origin)
     try:
-        stream = await _open(request, probe=probe_for(send))
+        stream = await _open(request, probe=probe)
     except Refused as refusal:
         metrics.STREAMS_REFUSED.labels(str(refusal.status)).inc()
         body = json.dumps({"error": str(refusal)}).encode()
-        await _respond(send, refusal.status, body, "application/json", cors)
+        await _respond(send, refusal.status, body, "application/json", cors_headers)
         return
     except _RetryLater:
         logger.warning("event store unavailable; asking the client to retry", exc_info=True)
         body = sse.retry(settings.EVENTS_RETRY_MS) + b": temporarily unavailable\n\n"
-        await _respond(send, 200, body, "text/event-stream; charset=utf-8", {**cors, **_SSE_HEADERS})
+        await _respond(send, 200, body, "text/event-stream; charset=utf-8", {**cors_headers, **_SSE_HEADERS})
         return
-    await _serve(stream, receive, send, cors)
+    await _serve(stream, receive, send, cors_headers)
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"}
 
 
-async def _open(request: StreamRequest, *, probe: Any) -> Stream:
+async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
     """Check everything, in the contract's order of refusals, and make the Stream."""
     if request.method != "GET":
         raise Refused(405, "use GET")
@@ -178,7 +201,7 @@ async def _watch_disconnect(stream: Stream, receive: Receive) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            stream.close(Subscription.CloseReason.CLIENT_GONE)
+            stream.close(CloseReason.CLIENT_GONE)
             return
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import redis.asyncio as aioredis
 
-from events import routing
-from events.envelope import Event
+from events.core import routing
+from events.core.records import Record, StoredEvent
 
 # Records per script call: one call blocks Redis while it runs, so big batches go as several calls in
 # one pipeline and other clients (web processes reading) get their turn in between.
@@ -29,12 +28,60 @@ APPEND_CHUNK = 500
 TRIM_MARGIN_MS = 60_000
 ID_PATTERN = re.compile(r"^(\d{1,15})-(\d{1,15})$")
 
+
+class AppendRow(NamedTuple):
+    """One record as the append script takes it; the script names each field `ROW_<NAME>` (see _ROW_INDEXES)."""
+
+    topic: str
+    partition: str
+    offset: str
+    producer_id: str  # '' when the producer gave none
+    type: str  # '' for a rejected record: only its partition's stored offset moves
+    event: str
+    user: str
+    process_instance: str
+    broadcast: str  # 'true' or 'false'
+    data: str
+    published_at: str  # the Kafka record's timestamp, epoch ms
+    received_at: str  # when the batch reached the store, epoch ms
+    source_key: str  # the per-source stream, '' for none (routing.source_of)
+    dedup_key: str  # '' when there is no producer id
+    offset_key: str  # '' for events that do not come from Kafka
+    packed: bytes  # the per-source entry (StoredEvent.pack)
+
+
+# The global stream's entry: field name -> the AppendRow field it holds (StoredEvent.from_fields reads it).
+GLOBAL_FIELDS = {
+    "type": "type",
+    "event": "event",
+    "user": "user",
+    "processInstanceUuid": "process_instance",
+    "broadcast": "broadcast",
+    "data": "data",
+    "published_at": "published_at",
+    "kafka_topic": "topic",
+    "kafka_partition": "partition",
+    "kafka_offset": "offset",
+    "received_at": "received_at",
+    "producer_id": "producer_id",
+}
+# Lua names AppendRow's fields by position: `local ROW_TOPIC, ROW_PARTITION, ... = 1, 2, ...`.
+_ROW_INDEXES = (
+    "local "
+    + ", ".join(f"ROW_{name.upper()}" for name in AppendRow._fields)
+    + " = "
+    + ", ".join(str(i) for i in range(1, len(AppendRow._fields) + 1))
+)
+_GLOBAL_ENTRY = ", ".join(f"'{field}', r[ROW_{row.upper()}]" for field, row in GLOBAL_FIELDS.items())
+
 # One call appends a chunk of records; Redis runs it atomically, so an event is either fully stored
 # (global stream, source stream, dedup key, partition offset) or not at all. ARGV[2] is the chunk as
-# one MessagePack array of 16-string rows: packing one blob is far cheaper than 16 arguments a record.
+# one MessagePack array of AppendRows: packing one blob is far cheaper than 16 arguments a record.
 # Per-source entries hold one field, the event packed by the client (see StoredEvent.pack): Redis
 # spends its time per field, and only this code reads them.
-_APPEND_LUA = """
+_APPEND_LUA = (
+    _ROW_INDEXES
+    + """
 local retention = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -49,8 +96,8 @@ end
 local results = {}
 local offsets = {}
 for _, r in ipairs(cmsgpack.unpack(ARGV[2])) do
-  local okey = r[15]
-  local offset = tonumber(r[3])
+  local okey = r[ROW_OFFSET_KEY]
+  local offset = tonumber(r[ROW_OFFSET])
   local stored = -1
   if okey ~= '' then
     stored = offsets[okey]
@@ -60,26 +107,23 @@ for _, r in ipairs(cmsgpack.unpack(ARGV[2])) do
     results[#results + 1] = ''
   else
     if okey ~= '' then offsets[okey] = offset end
-    local kind = r[5]
-    if kind == '' then
+    if r[ROW_TYPE] == '' then
       results[#results + 1] = ''
     else
       local ms, seq = now_ms, 0
       if ms <= last_ms then ms = last_ms; seq = last_seq + 1 end
       local id = string.format('%.0f', ms) .. '-' .. string.format('%.0f', seq)
-      local dkey = r[14]
+      local dkey = r[ROW_DEDUP_KEY]
       if dkey ~= '' and not redis.call('SET', dkey, id, 'NX', 'EX', retention) then
         results[#results + 1] = 'dup'
       else
         last_ms, last_seq = ms, seq
-        redis.call('XADD', KEYS[1], 'MINID', '~', minid, id,
-          'event_id', id, 'type', kind, 'event', r[6], 'user', r[7],
-          'processInstanceUuid', r[8], 'broadcast', r[9], 'data', r[10],
-          'published_at', r[11], 'kafka_topic', r[1], 'kafka_partition', r[2],
-          'kafka_offset', r[3], 'received_at', r[12], 'producer_id', r[4])
-        local skey = r[13]
+        redis.call('XADD', KEYS[1], 'MINID', '~', minid, id, 'event_id', id, """
+    + _GLOBAL_ENTRY
+    + """)
+        local skey = r[ROW_SOURCE_KEY]
         if skey ~= '' then
-          redis.call('XADD', skey, 'MINID', '~', minid, id, 'e', r[16])
+          redis.call('XADD', skey, 'MINID', '~', minid, id, 'e', r[ROW_PACKED])
           redis.call('EXPIRE', skey, retention + 60)
         end
         results[#results + 1] = id
@@ -93,81 +137,14 @@ if last_ms >= 0 then
 end
 return results
 """
-
-
-_REJECTED = [""] * 11  # a rejected record only moves its partition's stored offset
+)
+# A rejected record: producer_id .. dedup_key empty, so only its partition's stored offset moves.
+_REJECTED = ("",) * 11
 
 
 def parse_id(event_id: str) -> tuple[int, int] | None:
     match = ID_PATTERN.match(event_id)
     return (int(match[1]), int(match[2])) if match else None
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A Kafka record's coordinates with its validated event (None: rejected, only its offset is kept).
-
-    Events that do not come from Kafka (grants changed in the admin) have partition -1: no offset is tracked.
-    """
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    event: Event | None
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    id: str
-    type: str
-    event: str
-    user: str | None
-    process_instance: str | None
-    broadcast: bool
-    data_json: str
-    published_ms: int
-    kafka_topic: str
-    kafka_partition: int
-    kafka_offset: int
-
-    @classmethod
-    def from_fields(cls, entry_id: str, fields: dict[str, str]) -> StoredEvent:
-        return cls(
-            id=entry_id,
-            type=fields["type"],
-            event=fields["event"],
-            user=fields["user"] or None,
-            process_instance=fields["processInstanceUuid"] or None,
-            broadcast=fields["broadcast"] == "true",
-            data_json=fields["data"],
-            published_ms=int(fields["published_at"]),
-            kafka_topic=fields.get("kafka_topic", ""),
-            kafka_partition=int(fields.get("kafka_partition") or -1),
-            kafka_offset=int(fields.get("kafka_offset") or -1),
-        )
-
-    @staticmethod
-    def pack(event: Event, record: Record) -> bytes:
-        """The compact form kept in per-source streams; `from_packed` reads it back."""
-        return msgpack.packb(
-            [
-                event.type,
-                event.event,
-                event.user,
-                event.process_instance,
-                event.broadcast,
-                event.data_json,
-                record.timestamp_ms,
-                record.topic,
-                record.partition,
-                record.offset,
-            ]
-        )
-
-    @classmethod
-    def from_packed(cls, entry_id: str, packed: bytes) -> StoredEvent:
-        return cls(entry_id, *msgpack.unpackb(packed))
 
 
 def _entries(raw: Any) -> list[StoredEvent]:
@@ -182,8 +159,8 @@ def _source_entries(raw: Any) -> list[StoredEvent]:
     return [StoredEvent.from_packed(_text(entry_id), fields[b"e"]) for entry_id, fields in raw]
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: bytes | str, errors: str = "strict") -> str:
+    return value.decode("utf-8", errors) if isinstance(value, bytes) else value
 
 
 class EventStore:
@@ -205,34 +182,36 @@ class EventStore:
         """Store a batch; for each record its new id, '' if its offset was stored before or it was
         rejected, 'dup' if its producer id was seen within retention."""
         received_ms = str(int(time.time() * 1000))
-        rows: list[list[str | bytes]] = []
+        rows: list[AppendRow] = []
         for record in records:
             ev = record.event
-            coordinates = [record.topic, str(record.partition), str(record.offset)]
+            topic, partition, offset = record.topic, str(record.partition), str(record.offset)
             offset_key = routing.offset_key(record.topic, record.partition) if record.partition >= 0 else ""
             if ev is None:
-                rows.append([*coordinates, *_REJECTED, offset_key, ""])
+                rows.append(AppendRow(topic, partition, offset, *_REJECTED, offset_key, b""))
                 continue
             source = routing.source_of(
                 type=ev.type, user=ev.user, process_instance=ev.process_instance, broadcast=ev.broadcast
             )
             rows.append(
-                [
-                    *coordinates,
-                    ev.producer_id or "",
-                    ev.type,
-                    ev.event,
-                    ev.user or "",
-                    ev.process_instance or "",
-                    "true" if ev.broadcast else "false",
-                    ev.data_json,
-                    str(record.timestamp_ms),
-                    received_ms,
-                    source or "",
-                    routing.dedup_key(ev.producer_id) if ev.producer_id else "",
-                    offset_key,
-                    StoredEvent.pack(ev, record),
-                ]
+                AppendRow(
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    producer_id=ev.producer_id or "",
+                    type=ev.type,
+                    event=ev.event,
+                    user=ev.user or "",
+                    process_instance=ev.process_instance or "",
+                    broadcast="true" if ev.broadcast else "false",
+                    data=ev.data_json,
+                    published_at=str(record.timestamp_ms),
+                    received_at=received_ms,
+                    source_key=source or "",
+                    dedup_key=routing.dedup_key(ev.producer_id) if ev.producer_id else "",
+                    offset_key=offset_key,
+                    packed=StoredEvent.pack(ev, record),
+                )
             )
         chunks = [
             [self.retention_seconds, msgpack.packb(rows[i : i + APPEND_CHUNK], use_bin_type=False)]
@@ -251,6 +230,16 @@ class EventStore:
     async def last_id(self) -> str:
         value = await self.redis.get(routing.LAST_ID_KEY)
         return _text(value) if value is not None else "0-0"
+
+    async def entry(self, event_id: str) -> dict[str, str] | None:
+        """The global stream's entry for `event_id`, field by field (GLOBAL_FIELDS and `event_id`), as
+        text; None once retention dropped it."""
+        if parse_id(event_id) is None:
+            return None
+        found: Any = await self.redis.xrange(routing.EVENTS_STREAM, min=event_id, max=event_id, count=1)
+        if not found:
+            return None
+        return {_text(k, "replace"): _text(v, "replace") for k, v in (found[0][1] or {}).items()}
 
     async def read_all(self, after: str, count: int = 1000) -> list[StoredEvent]:
         """Events of every source after `after`, oldest first (what web processes fan out)."""

@@ -1,0 +1,25 @@
+"""Kafka connection options shared by the consumer and producers, from settings."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from django.conf import settings
+
+
+def kafka_options() -> dict[str, Any]:
+    """Connection options shared by the consumer and producers, from settings."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.KAFKA_BOOTSTRAP_SERVERS,
+        "security_protocol": settings.KAFKA_SECURITY_PROTOCOL,
+    }
+    if settings.KAFKA_SECURITY_PROTOCOL in {"SSL", "SASL_SSL"}:
+        options["ssl_context"] = ssl.create_default_context()
+    if settings.KAFKA_SECURITY_PROTOCOL.startswith("SASL"):
+        options.update(
+            sasl_mechanism=settings.KAFKA_SASL_MECHANISM or "PLAIN",
+            sasl_plain_username=settings.KAFKA_SASL_USERNAME,
+            sasl_plain_password=settings.KAFKA_SASL_PASSWORD,
+        )
+    return options
