@@ -1,4 +1,5 @@
-"""GET /healthz (process up), /readyz (Redis and database reachable), /metrics (Prometheus text)."""
+"""GET /healthz (process up), /readyz (Redis and database reachable; once streams are served, the delivery
+tasks running), /metrics (Prometheus text)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from events.delivery.hub import current_hub
 from events.ops import health
 from events.ops import metrics as gateway_metrics
 
@@ -17,6 +19,9 @@ async def healthz(request: HttpRequest) -> HttpResponse:
 
 async def readyz(request: HttpRequest) -> HttpResponse:
     checks = await health.readiness()
+    hub = current_hub()
+    if hub is not None:
+        checks["delivery"] = all(hub.alive().values())
     return JsonResponse(checks, status=200 if all(checks.values()) else 503)
 
 

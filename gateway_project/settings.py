@@ -116,8 +116,17 @@ KAFKA_GROUP_ID = env.str("KAFKA_GROUP_ID", default="events-gateway")
 KAFKA_DLQ_TOPIC = env.str("KAFKA_DLQ_TOPIC", default="messaging_events_topic.DLQ")
 KAFKA_MESSAGE_MAX_BYTES = env.int("KAFKA_MESSAGE_MAX_BYTES", default=52_428_800)
 KAFKA_SESSION_TIMEOUT_MS = env.int("KAFKA_SESSION_TIMEOUT_MS", default=10_000)
+# How long the broker may hold a fetch open while it has nothing to return. Apache Kafka answers a held
+# fetch as soon as records arrive, so this costs no latency there; brokers that wait it out (the embedded
+# one) need a small value, which the embedded runner and the tests set.
+KAFKA_FETCH_MAX_WAIT_MS = env.int("KAFKA_FETCH_MAX_WAIT_MS", default=500)
+KAFKA_SSL_CAFILE = env.str("KAFKA_SSL_CAFILE", default="")
+KAFKA_SSL_CERTFILE = env.str("KAFKA_SSL_CERTFILE", default="")
+KAFKA_SSL_KEYFILE = env.str("KAFKA_SSL_KEYFILE", default="")
 if KAFKA_SECURITY_PROTOCOL not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
     raise ImproperlyConfigured(f"KAFKA_SECURITY_PROTOCOL={KAFKA_SECURITY_PROTOCOL!r} is not supported")
+if KAFKA_SASL_MECHANISM not in {"", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"}:
+    raise ImproperlyConfigured(f"KAFKA_SASL_MECHANISM={KAFKA_SASL_MECHANISM!r} is not supported")
 
 # --- Events and streams ---
 EVENTS_RETENTION_SECONDS = env.int("EVENTS_RETENTION_SECONDS", default=14_400)

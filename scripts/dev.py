@@ -94,6 +94,8 @@ def main() -> None:
             broker = KafkaBroker().start()
             started.append(broker)
             env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
+            # The embedded broker holds an empty fetch for the whole wait even when records arrive.
+            env.setdefault("KAFKA_FETCH_MAX_WAIT_MS", "10")
     except ServiceUnavailable as exc:
         for service in started:
             service.stop()

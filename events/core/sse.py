@@ -18,8 +18,15 @@ def clean(value: str) -> str:
     return value.translate(_LINE_BREAKS)
 
 
+# The range a timestamp can be written in (year 1970 to 9999); the consumer stores nothing outside it.
+_MAX_MS = 253_402_300_799_999
+
+
 def iso_from_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """ISO 8601 in UTC with milliseconds; a value outside 1970..9999 is clamped, never an error."""
+    ms = min(max(int(ms), 0), _MAX_MS)
+    moment = datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def payload(

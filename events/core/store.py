@@ -10,9 +10,11 @@ record re-read after a crash is recognised and never stored twice.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgpack
@@ -147,16 +149,38 @@ def parse_id(event_id: str) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match else None
 
 
-def _entries(raw: Any) -> list[StoredEvent]:
-    return [
-        StoredEvent.from_fields(_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
-        for entry_id, fields in raw
-    ]
+@dataclass(frozen=True, slots=True)
+class ReadBatch:
+    """Entries of the global stream after a position: the events, and the ids of entries that could not be
+    read as events (written by something else, or damaged), which a reader skips and reports."""
+
+    events: list[StoredEvent]
+    unreadable: list[tuple[str, str]]  # (entry id, why)
+    last_id: str | None  # the last entry read, readable or not: where the next read starts
+    full: bool  # as many entries as asked for: more may follow
+
+
+def _read_batch(raw: Any, count: int) -> ReadBatch:
+    events: list[StoredEvent] = []
+    unreadable: list[tuple[str, str]] = []
+    last_id = None
+    for raw_id, fields in raw:
+        last_id = _text(raw_id, "replace")
+        try:
+            events.append(StoredEvent.from_fields(last_id, {_text(k): _text(v) for k, v in fields.items()}))
+        except (KeyError, ValueError, TypeError) as exc:
+            unreadable.append((last_id, f"{type(exc).__name__}: {exc}"[:200]))
+    return ReadBatch(events, unreadable, last_id, len(raw) >= count)
 
 
 def _source_entries(raw: Any) -> list[StoredEvent]:
-    """Per-source stream entries: one packed field `e` each."""
-    return [StoredEvent.from_packed(_text(entry_id), fields[b"e"]) for entry_id, fields in raw]
+    """Per-source stream entries: one packed field `e` each; an unreadable one is skipped (the global
+    stream's reader reports it)."""
+    events = []
+    for entry_id, fields in raw:
+        with contextlib.suppress(KeyError, ValueError, TypeError):
+            events.append(StoredEvent.from_packed(_text(entry_id), fields[b"e"]))
+    return events
 
 
 def _text(value: bytes | str, errors: str = "strict") -> str:
@@ -177,6 +201,13 @@ class EventStore:
             return {}
         values = await self.redis.mget([routing.offset_key(t, p) for t, p in partitions])
         return {tp: int(v) if v is not None else -1 for tp, v in zip(partitions, values, strict=True)}
+
+    async def seen_producer_ids(self, producer_ids: Sequence[str]) -> set[str]:
+        """The producer ids among `producer_ids` already stored within retention."""
+        if not producer_ids:
+            return set()
+        values = await self.redis.mget([routing.dedup_key(p) for p in producer_ids])
+        return {p for p, v in zip(producer_ids, values, strict=True) if v is not None}
 
     async def append(self, records: Sequence[Record]) -> list[str]:
         """Store a batch; for each record its new id, '' if its offset was stored before or it was
@@ -241,9 +272,9 @@ class EventStore:
             return None
         return {_text(k, "replace"): _text(v, "replace") for k, v in (found[0][1] or {}).items()}
 
-    async def read_all(self, after: str, count: int = 1000) -> list[StoredEvent]:
-        """Events of every source after `after`, oldest first (what web processes fan out)."""
-        return _entries(await self.redis.xrange(routing.EVENTS_STREAM, min=f"({after}", count=count))
+    async def read_all(self, after: str, count: int = 1000) -> ReadBatch:
+        """Up to `count` entries of every source after `after`, oldest first (what web processes fan out)."""
+        return _read_batch(await self.redis.xrange(routing.EVENTS_STREAM, min=f"({after}", count=count), count)
 
     async def is_resumable(self, event_id: str) -> bool:
         """Whether everything after position `event_id` is still held: a position this store has reached

@@ -27,6 +27,7 @@ from events.core import routing
 from events.core.audit import AuditBatch, BroadcastRow, DeliveryRow, StreamRow
 from events.core.records import DeliveryStatus, StoredEvent
 from events.ops import metrics
+from events.ops.supervise import failed
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ class AuditWriter:
             )
         )
 
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def _run(self) -> None:
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
@@ -127,12 +131,23 @@ class AuditWriter:
             await self.flush()
 
     async def flush(self) -> None:
+        """Send what is buffered. Redis down: keep it for the next flush. A batch that cannot be packed
+        (a bug, or a value the format cannot carry) is logged, counted and set aside; the next one goes."""
         batch, self._batch = self._batch, AuditBatch()
         if not batch:
             return
         try:
+            packed = batch.pack()
+        except Exception:  # noqa: BLE001 - one bad batch must not stop audits
+            failed(
+                "audit-writer",
+                "could not pack a batch of stream audits; set aside",
+                rows=len(batch.deliveries) + len(batch.opened) + len(batch.closed) + len(batch.broadcasts),
+            )
+            return
+        try:
             await self.redis.xadd(
-                routing.AUDIT_STREAM, {"b": batch.pack()}, maxlen=AUDIT_STREAM_MAX_BATCHES, approximate=True
+                routing.AUDIT_STREAM, {"b": packed}, maxlen=AUDIT_STREAM_MAX_BATCHES, approximate=True
             )
         except (aioredis.RedisError, OSError):
             logger.warning("could not send stream audits to Redis; keeping them for the next flush", exc_info=True)

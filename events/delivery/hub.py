@@ -26,6 +26,8 @@ from events.core.instance import INSTANCE
 from events.core.records import CloseReason, StoredEvent
 from events.core.store import EventStore
 from events.delivery.audit_writer import AuditWriter
+from events.ops import metrics
+from events.ops.supervise import Supervisor, failed
 
 if TYPE_CHECKING:
     from events.delivery.stream import Stream
@@ -60,20 +62,22 @@ class Hub:
         self._by_process: defaultdict[str, set[Stream]] = defaultdict(set)
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()  # set whenever the last stream leaves
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # slot releases in flight
+        self._supervisor = Supervisor()
         self._claim = self.redis.register_script(_CLAIM_LUA)
         self.healthy = False
 
     async def start(self) -> None:
         self.frontier = await self.store.last_id()
         self.healthy = True
-        loop = asyncio.get_running_loop()
         self.audit.start()
-        self._tasks = [
-            loop.create_task(self._read(), name="hub-read"),
-            loop.create_task(self._listen(), name="hub-listen"),
-            loop.create_task(self._tick(), name="hub-tick"),
-        ]
+        self._supervisor.start("hub-read", self._read)
+        self._supervisor.start("hub-listen", self._listen)
+        self._supervisor.start("hub-tick", self._tick)
+
+    def alive(self) -> dict[str, bool]:
+        """Readiness: the hub's tasks and the audit writer are running."""
+        return {**self._supervisor.alive(), "audit-writer": self.audit.alive()}
 
     async def stop(self, grace: float = 5.0) -> None:
         """Close every stream with a final retry, flush audits, release connections. Idempotent."""
@@ -82,6 +86,7 @@ class Hub:
         if self.streams:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), grace)
+        await self._supervisor.stop()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -165,6 +170,8 @@ class Hub:
             self.audit.broadcast(event, len(targets), time.time())
 
     async def _read(self) -> None:
+        """Fan out every entry after the frontier, in id order. An entry that cannot be read or handed out
+        is logged with its id, counted and skipped: the frontier always moves past it."""
         delay = 0.2
         while True:
             with contextlib.suppress(TimeoutError):
@@ -172,11 +179,18 @@ class Hub:
             self._wake.clear()
             try:
                 while True:
-                    events = await self.store.read_all(self.frontier)
-                    for event in events:
-                        self.fan_out(event)
-                        self.frontier = event.id
-                    if len(events) < 1000:
+                    batch = await self.store.read_all(self.frontier)
+                    for entry_id, why in batch.unreadable:
+                        metrics.TASK_FAILURES.labels("hub-read").inc()
+                        logger.error("skipping an unreadable stored event", extra={"event_id": entry_id, "why": why})
+                    for event in batch.events:
+                        try:
+                            self.fan_out(event)
+                        except Exception:  # noqa: BLE001 - one event must not stop delivery to everyone
+                            failed("hub-read", "could not hand out a stored event; skipped", event_id=event.id)
+                    if batch.last_id is not None:
+                        self.frontier = batch.last_id
+                    if not batch.full:
                         break
                 self.healthy, delay = True, 0.2
             except (aioredis.RedisError, OSError):
@@ -208,7 +222,10 @@ class Hub:
             await asyncio.sleep(TICK_SECONDS)
             now = time.time()
             for stream in list(self.streams):
-                stream.tick(now)
+                try:
+                    stream.tick(now)
+                except Exception:  # noqa: BLE001 - one stream must not stop the others' heartbeats
+                    failed("hub-tick", "stream tick failed", stream=stream.id)
             ticks += 1
             if ticks % refresh_every == 0 and self.streams:
                 await self._refresh_slots(now)
@@ -259,6 +276,11 @@ async def get_hub() -> Hub:
             _hub = hub
             for callback in _started_hooks:
                 callback()
+    return _hub
+
+
+def current_hub() -> Hub | None:
+    """The process's hub if it has started (readiness asks without starting one)."""
     return _hub
 
 

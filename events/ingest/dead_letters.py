@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import TypeAlias
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import MessageSizeTooLargeError
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
 
@@ -19,65 +19,72 @@ from subscriptions.models import RejectedRecord
 
 logger = logging.getLogger(__name__)
 
-Rejected = list[tuple[ConsumerRecord[bytes, bytes], envelope.InvalidRecord]]
+Message: TypeAlias = ConsumerRecord[bytes, bytes]
+Rejected = list[tuple[Message, envelope.InvalidRecord]]
 
 
-async def send(producer: AIOKafkaProducer, rejected: Rejected) -> None:
-    """Dead-letter `rejected` and record them; raises KafkaError or DatabaseError (the caller retries)."""
-    for message, error in rejected:
-        logger.warning(
-            "record rejected",
-            extra={
-                "topic": message.topic,
-                "partition": message.partition,
-                "offset": message.offset,
-                "reason": error.reason.value,
-                "detail": error.detail,
-            },
-        )
-        headers = [
-            *message.headers,
-            ("x-gateway-error", str(error).encode()),
-            ("x-gateway-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
-        ]
+async def publish(producer: AIOKafkaProducer, message: Message, error: envelope.InvalidRecord) -> None:
+    """Copy one rejected record to the dead-letter topic; raises KafkaError when the broker fails."""
+    logger.warning(
+        "record rejected",
+        extra={
+            "topic": message.topic,
+            "partition": message.partition,
+            "offset": message.offset,
+            "reason": error.reason.value,
+            "detail": error.detail,
+        },
+    )
+    headers = [
+        *((key, value) for key, value in message.headers),
+        ("x-gateway-error", str(error).encode("utf-8", "replace")),
+        ("x-gateway-source", f"{message.topic}/{message.partition}/{message.offset}".encode("utf-8", "replace")),
+    ]
+    try:
+        await producer.send_and_wait(settings.KAFKA_DLQ_TOPIC, value=message.value, key=message.key, headers=headers)
+    except MessageSizeTooLargeError:
+        # The DLQ topic takes smaller records than the source: keep the coordinates, drop the value (and
+        # the key and the producer's headers, if the record is still too large with them).
+        dropped = [("x-gateway-value-dropped", b"too large for the dead-letter topic")]
         try:
             await producer.send_and_wait(
-                settings.KAFKA_DLQ_TOPIC, value=message.value, key=message.key, headers=headers
+                settings.KAFKA_DLQ_TOPIC, value=None, key=message.key, headers=[*headers, *dropped]
             )
         except MessageSizeTooLargeError:
-            # The DLQ topic takes smaller records than the source: keep the coordinates, drop the value.
             await producer.send_and_wait(
-                settings.KAFKA_DLQ_TOPIC,
-                value=None,
-                key=message.key,
-                headers=[*headers, ("x-gateway-value-dropped", b"too large for the dead-letter topic")],
+                settings.KAFKA_DLQ_TOPIC, value=None, key=None, headers=[*headers[-2:], *dropped]
             )
-        metrics.EVENTS_REJECTED.labels(message.topic, error.reason.value).inc()
-    await sync_to_async(_record_rejections)(rejected)
+    metrics.EVENTS_REJECTED.labels(message.topic, error.reason.value).inc()
 
 
-def _record_rejections(rejected: Rejected) -> None:
+def record(rejected: Rejected) -> None:
+    """Keep the rejected records for the admin (sync: call through sync_to_async)."""
     close_old_connections()
     now = datetime.now(UTC)
     services.rejected_records_create(
         records=[
             RejectedRecord(
                 received_at=now,
-                topic=m.topic,
+                topic=_printable(m.topic.encode("utf-8", "replace")),
                 partition=m.partition,
                 offset=m.offset,
                 reason=e.reason.value,
-                detail=e.detail,
+                detail=_printable(e.detail.encode("utf-8", "replace")),
                 key=_printable(m.key or b"")[:1000],
                 value_preview=_printable((m.value or b"")[:4096]),
                 value_size=len(m.value or b""),
-                headers=[[k, _printable(v)] for k, v in m.headers],
+                headers=[[_printable(str(k).encode("utf-8", "replace")), _header_text(v)] for k, v in m.headers],
             )
             for m, e in rejected
         ]
     )
 
 
+def _header_text(value: bytes | None) -> str | None:
+    """A header value as text (None: the producer sent a null value)."""
+    return None if value is None else _printable(value[:1000])
+
+
 def _printable(raw: bytes) -> str:
-    """Bytes as text a database column takes (PostgreSQL refuses NUL)."""
+    """Bytes as text a database column takes (PostgreSQL refuses NUL, also inside JSON)."""
     return raw.decode("utf-8", "replace").replace("\x00", "\ufffd")

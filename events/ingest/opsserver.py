@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from django.conf import settings
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from events.ops import health
+from events.core import routing
+from events.ops import health, metrics
 
 if TYPE_CHECKING:
     from events.ingest.service import IngestService
@@ -18,8 +21,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-async def serve_ops(service: IngestService, *, port: int | None) -> asyncio.Server | None:
-    """Start serving; None when the port is 0."""
+async def _audit_backlog(service: IngestService) -> None:
+    if service.redis is None:
+        return
+    with contextlib.suppress(Exception):
+        metrics.AUDIT_BATCHES_WAITING.set(await asyncio.wait_for(service.redis.xlen(routing.AUDIT_STREAM), 2))
+
+
+async def serve_ops(
+    service: IngestService, *, port: int | None, tasks: Callable[[], dict[str, bool]] = dict
+) -> asyncio.Server | None:
+    """Start serving; None when the port is 0. `tasks` names the process's other long-lived tasks and
+    whether each runs (readiness is false while one does not)."""
     port = settings.CONSUMER_METRICS_PORT if port is None else port
     if not port:
         return None
@@ -35,13 +48,15 @@ async def serve_ops(service: IngestService, *, port: int | None) -> asyncio.Serv
                 status, ctype, body = 200, "application/json", json.dumps(health.LIVE).encode()
             elif path == "/readyz":
                 checks = await health.readiness(
-                    redis=service.redis, kafka=service.ready and service.consumer is not None
+                    redis=service.redis, kafka=service.ready and service.running and service.consumer is not None
                 )
+                checks.update(tasks())
                 status = 200 if all(checks.values()) else 503
                 assigned = len(service.consumer.assignment()) if service.ready and service.consumer else 0
                 ctype = "application/json"
                 body = json.dumps({**checks, "assigned_partitions": assigned}).encode()
             elif path == "/metrics":
+                await _audit_backlog(service)
                 status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest()
             else:
                 status, ctype, body = 404, "application/json", b'{"error": "not found"}'

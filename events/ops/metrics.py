@@ -25,3 +25,8 @@ DELIVERY_LATENCY = Histogram(
     "Kafka record timestamp to bytes written on the stream",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+TASK_FAILURES = Counter(
+    "gateway_task_failures", "Failures a long-lived task survived (the item set aside, or the task restarted)", ["task"]
+)
+TASK_RESTARTS = Counter("gateway_task_restarts", "Long-lived tasks restarted after they failed", ["task"])
+AUDIT_BATCHES_WAITING = Gauge("gateway_audit_batches_waiting", "Audit batches in Redis not yet written (consumer)")

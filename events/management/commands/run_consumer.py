@@ -8,6 +8,7 @@ import signal
 from typing import Any
 
 from django.core.management.base import BaseCommand
+from prometheus_client import REGISTRY
 
 from events.core.instance import INSTANCE
 from events.ingest import audit_process
@@ -30,8 +31,9 @@ async def _main(metrics_port: int | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
-    ops = await serve_ops(service, port=metrics_port)
     writer = audit_process.AuditWriterProcess(INSTANCE)
+    REGISTRY.register(audit_process.FiguresCollector(writer.figures))
+    ops = await serve_ops(service, port=metrics_port, tasks=lambda: {"audit_writer": writer.alive()})
     writer.start()
     supervisor = loop.create_task(writer.supervise(), name="audit-writer-supervisor")
     try:
