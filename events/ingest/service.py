@@ -380,8 +380,10 @@ class IngestService:
                 ends = await consumer.end_offsets(list(assigned))
                 for tp, end in ends.items():
                     done = self._done.get(tp)
-                    if done is None:
+                    if done is None:  # nothing made durable here yet: count from the group's commit
                         done = await consumer.committed(tp)
+                    if done is None:  # the group never committed: from the partition's start
+                        done = (await consumer.beginning_offsets([tp]))[tp]
                     if done is not None and tp in consumer.assignment():
                         metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(max(0, end - done))
             except (KafkaError, IllegalStateError) as exc:
