@@ -183,18 +183,28 @@ async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
 
 
 async def _serve(stream: Stream, receive: Receive, send: Send, cors: dict[str, str]) -> None:
+    """The stream is registered and its replay read before the 200 goes out: a client that has its response
+    headers is already receiving everything stored from its starting position on."""
     headers = {"Content-Type": "text/event-stream; charset=utf-8", **_SSE_HEADERS, **cors}
-    await send({"type": "http.response.start", "status": 200, "headers": _encode(headers)})
-    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(stream, receive))
-    try:
-        async with contextlib.aclosing(stream.body()) as body:
+    async with contextlib.aclosing(stream.body()) as body:
+        try:
+            first = await anext(body)
+        except (aioredis.RedisError, OSError):
+            logger.warning("event store unavailable while opening a stream; asking the client to retry", exc_info=True)
+            retry = sse.retry(settings.EVENTS_RETRY_MS) + b": temporarily unavailable\n\n"
+            await _respond(send, 200, retry, "text/event-stream; charset=utf-8", {**cors, **_SSE_HEADERS})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": _encode(headers)})
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(stream, receive))
+        try:
             async for chunk in body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 async def _watch_disconnect(stream: Stream, receive: Receive) -> None:

@@ -124,7 +124,11 @@ class Stream:
             # Open from here: broadcasts handed out from now on reach this stream (the audit relies on it).
             self.record = self.record._replace(opened_at=time.time())
             self.hub.audit.opened(self.record)
-            first = sse.retry(settings.EVENTS_RETRY_MS) + await self._resume(start)
+            try:
+                first = sse.retry(settings.EVENTS_RETRY_MS) + await self._resume(start)
+            except Exception:
+                reason = CloseReason.SERVER_ERROR
+                raise
             yield self._written(first)
             while True:
                 await self._wake.wait()
