@@ -146,6 +146,19 @@ class IngestService:
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
 
+    async def rewind(self) -> None:
+        """Fetch again from what is durable (what a restarted loop must do: it may have fetched a batch it
+        never stored). What was stored after all is recognised by its offset and skipped."""
+        assert self.consumer is not None
+        for tp in self.consumer.assignment():
+            done = self._done.get(tp)
+            if done is None:
+                done = await self.consumer.committed(tp)
+            if done is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, done)
+
     async def run(self) -> None:
         """Consume until request_stop(); the service must be started.
 

@@ -14,6 +14,8 @@ from events.core.instance import INSTANCE
 from events.ingest import audit_process
 from events.ingest.opsserver import serve_ops
 from events.ingest.service import IngestService
+from events.ops import metrics
+from events.ops.supervise import failed
 
 
 class Command(BaseCommand):
@@ -24,6 +26,24 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         asyncio.run(_main(options["metrics_port"]))
+
+
+async def _consume(service: IngestService) -> None:
+    """Run the consume loop until a stop is requested; a failure that escapes it (a bug) is logged, counted
+    and survived: the loop starts again from the last commit, and readiness is false meanwhile."""
+    delay = 1.0
+    while True:
+        try:
+            await service.run()
+            return
+        except Exception:  # noqa: BLE001
+            failed("consumer", "the consume loop failed; restarting it")
+            metrics.TASK_RESTARTS.labels("consumer").inc()
+        await asyncio.sleep(delay)
+        # From what is durable; if even that fails, exit (the process restarts from the last commit) rather
+        # than go on past a batch that was fetched and never stored.
+        await service.rewind()
+        delay = min(delay * 2, 30.0)
 
 
 async def _main(metrics_port: int | None) -> None:
@@ -38,7 +58,7 @@ async def _main(metrics_port: int | None) -> None:
     supervisor = loop.create_task(writer.supervise(), name="audit-writer-supervisor")
     try:
         await service.start()
-        await service.run()
+        await _consume(service)
     finally:
         supervisor.cancel()
         with contextlib.suppress(asyncio.CancelledError):
