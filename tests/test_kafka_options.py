@@ -1,0 +1,81 @@
+"""Kafka connection options: TLS with a private CA and a client certificate, SASL PLAIN and SCRAM."""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from django.test import override_settings
+
+from events.ingest.kafka import kafka_options
+from tests.test_settings import PRODUCTION, manage
+
+
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "events-gateway test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "client.pem", directory / "client.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_plaintext_has_no_tls_and_no_sasl() -> None:
+    with override_settings(KAFKA_SECURITY_PROTOCOL="PLAINTEXT", KAFKA_BOOTSTRAP_SERVERS=["k:9092"]):
+        assert kafka_options() == {"bootstrap_servers": ["k:9092"], "security_protocol": "PLAINTEXT"}
+
+
+def test_tls_takes_a_private_ca_and_a_client_certificate(tmp_path: Path) -> None:
+    cert, key = _certificate(tmp_path)
+    with override_settings(
+        KAFKA_SECURITY_PROTOCOL="SASL_SSL",
+        KAFKA_SASL_MECHANISM="SCRAM-SHA-512",
+        KAFKA_SASL_USERNAME="gateway",
+        KAFKA_SASL_PASSWORD="s3cret",
+        KAFKA_SSL_CAFILE=str(cert),
+        KAFKA_SSL_CERTFILE=str(cert),
+        KAFKA_SSL_KEYFILE=str(key),
+    ):
+        options = kafka_options()
+    context: ssl.SSLContext = options["ssl_context"]
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert any("events-gateway test" in str(ca.get("subject")) for ca in context.get_ca_certs())
+    assert (options["sasl_mechanism"], options["sasl_plain_username"], options["sasl_plain_password"]) == (
+        "SCRAM-SHA-512",
+        "gateway",
+        "s3cret",
+    )
+
+
+def test_a_missing_client_key_fails_at_start_not_at_first_use(tmp_path: Path) -> None:
+    with (
+        override_settings(KAFKA_SECURITY_PROTOCOL="SSL", KAFKA_SSL_CERTFILE=str(tmp_path / "missing.pem")),
+        pytest.raises(FileNotFoundError),
+    ):
+        kafka_options()
+
+
+def test_an_unknown_sasl_mechanism_is_refused_at_start() -> None:
+    result = manage("check", **PRODUCTION, KAFKA_SECURITY_PROTOCOL="SASL_SSL", KAFKA_SASL_MECHANISM="GSSAPI")
+    assert result.returncode != 0
+    assert "KAFKA_SASL_MECHANISM='GSSAPI' is not supported" in result.stderr
