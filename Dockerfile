@@ -2,13 +2,15 @@
 #   web (default):  daphne -b 0.0.0.0 -p 8000 --proxy-headers gateway_project.asgi:application
 #   consumer:       python manage.py run_consumer
 # The install step is the README's (scripts/setup): a virtualenv, then `python -m pip install -r` the
-# pinned requirements.txt (the runtime half of requirements-dev.txt). docker-compose.yml runs both roles.
+# locked requirements.txt (the runtime half of requirements-dev.txt: every package, transitive ones
+# included, with its hashes; scripts/lock writes it). docker-compose.yml runs both roles.
 
 # Both stages on the same base, so the virtualenv built in the first runs unchanged in the second.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# PIP_REQUIRE_HASHES is --require-hashes: a file whose hash is not in the lock is refused.
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_REQUIRE_HASHES=1
 RUN python -m venv /opt/venv
 COPY requirements.txt /tmp/requirements.txt
 RUN /opt/venv/bin/python -m pip install -r /tmp/requirements.txt
