@@ -14,6 +14,8 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 
+from events.ops import metrics
+
 LIVE = {"status": "ok"}
 # A check that takes longer than this counts as failed: a probe must answer before its caller gives up.
 CHECK_SECONDS = 2.0
@@ -59,4 +61,6 @@ async def readiness(*, redis: aioredis.Redis | None = None, kafka: bool | None =
         checks["kafka"] = kafka
     checks["redis"] = await redis_ok(redis)
     checks["database"] = await database_ok()
+    for name, ok in checks.items():
+        metrics.READY.labels(name).set(1 if ok else 0)
     return checks

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import platform
+
+import django
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+# The release, as pyproject.toml's [project] version says (tests/test_observability.py keeps them equal).
+VERSION = "0.1.0"
 
 EVENTS_CONSUMED = Counter("gateway_events_consumed", "Kafka records accepted and stored", ["topic", "type"])
 EVENTS_DUPLICATE = Counter(
@@ -30,3 +36,8 @@ TASK_FAILURES = Counter(
 )
 TASK_RESTARTS = Counter("gateway_task_restarts", "Long-lived tasks restarted after they failed", ["task"])
 AUDIT_BATCHES_WAITING = Gauge("gateway_audit_batches_waiting", "Audit batches in Redis not yet written (consumer)")
+READY = Gauge(
+    "gateway_ready", "1 if the check passed at the last /readyz probe, 0 if it failed (absent before one)", ["check"]
+)
+BUILD = Info("gateway_build", "The running release and the Python and Django it runs on")
+BUILD.info({"version": VERSION, "python": platform.python_version(), "django": django.get_version()})
