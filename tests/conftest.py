@@ -1,8 +1,11 @@
-"""Fixtures: a real Kafka-protocol broker (Tansu), a real Redis per test, the gateway's processes."""
+"""Fixtures: a real Kafka-protocol broker (Tansu), a real Redis per test, the gateway's processes.
+
+Two ways to get a deployment (tests/harness.py starts both): `gateway`, a fresh one for one test, and
+`shared_gateway`, one per module, which a module shapes by overriding `shared_layout`.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -10,7 +13,7 @@ import pytest_asyncio
 from django.db import connection
 
 from scripts.embedded import KafkaBroker, RedisServer
-from tests.harness import Gateway, database_url, running
+from tests.harness import Gateway, Layout, database_url, deployed, running
 
 
 @pytest.fixture(scope="session")
@@ -41,14 +44,23 @@ async def gateway(kafka: KafkaBroker, redis_server: RedisServer, db_url: str) ->
 
 
 @pytest.fixture(scope="module")
-def shared_gateway(kafka: KafkaBroker, db_url: str) -> Iterator[Gateway]:
-    """One deployment shared by a module's tests, which keep apart by using their own users."""
-    with RedisServer() as server:
-        gw = Gateway(bootstrap=kafka.bootstrap, redis_url=server.url, database_url=db_url)
-        asyncio.run(gw.create_topics())
-        try:
-            gw.start_web()
-            gw.start_consumer()
-            yield gw
-        finally:
-            gw.stop()
+def shared_layout() -> Layout:
+    """The processes and settings of a module's shared deployment; a module overrides this to change them."""
+    return Layout()
+
+
+@pytest.fixture(scope="module")
+def module_gateway(kafka: KafkaBroker, db_url: str, shared_layout: Layout) -> Iterator[Gateway]:
+    """One deployment shared by a module's tests, which keep apart by using their own users; its own Redis."""
+    with (
+        RedisServer() as server,
+        deployed(bootstrap=kafka.bootstrap, redis_url=server.url, database_url=db_url, layout=shared_layout) as gw,
+    ):
+        yield gw
+
+
+@pytest_asyncio.fixture
+async def shared_gateway(module_gateway: Gateway) -> AsyncIterator[Gateway]:
+    """The module's deployment, for one test: the producer a test starts belongs to that test's event loop."""
+    yield module_gateway
+    await module_gateway.close_producer()

@@ -15,6 +15,7 @@ from django.db import models
 from django.test import Client
 from django.urls import reverse
 
+from events.core import routing
 from scripts.embedded import RedisServer, free_port
 from subscriptions import admin as subscriptions_admin
 from subscriptions.models import DeliveryAudit, Grant, RejectedRecord, Subscription
@@ -22,7 +23,6 @@ from subscriptions.models import DeliveryAudit, Grant, RejectedRecord, Subscript
 pytestmark = pytest.mark.django_db
 
 NOW = datetime.now(UTC).replace(microsecond=0)
-EVENTS_STREAM = "events-gateway:events"
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def store(redis_server: RedisServer, settings: Any) -> Iterator[redis.Redis]:
 def grant_events(store: Any) -> list[dict[str, str]]:
     return [
         {"type": f["type"], "user": f["user"], "processInstanceUuid": f["processInstanceUuid"]}
-        for _, f in store.xrange(EVENTS_STREAM)
+        for _, f in store.xrange(routing.EVENTS_STREAM)
     ]
 
 
@@ -381,7 +381,7 @@ def test_grants_cannot_be_deleted(superuser_client: Client) -> None:
 def test_a_delivery_shows_its_event_as_stored_in_redis(viewer_client: Client, store: redis.Redis) -> None:
     event_id = "1700000000000-5"
     store.xadd(
-        EVENTS_STREAM,
+        routing.EVENTS_STREAM,
         {"event_id": event_id, "type": "message", "event": "Data", "user": "alice", "data": '{"x": 1}'},
         id=event_id,
     )

@@ -11,7 +11,7 @@ from asgiref.sync import sync_to_async
 from scripts.embedded import KafkaBroker, RedisServer
 from subscriptions import selectors
 from subscriptions.models import BroadcastDelivery, DeliveryAudit, Grant, Subscription
-from tests.harness import Gateway, running, token, wait_until
+from tests.harness import Gateway, Layout, running, token, wait_until
 from tests.sse_client import open_stream
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -90,8 +90,8 @@ async def _list(queryset: object) -> list[object]:
 async def test_audits_off_keeps_streams_but_no_deliveries(
     kafka: KafkaBroker, redis_server: RedisServer, db_url: str
 ) -> None:
-    env = {"AUDIT_DELIVERIES": "off"}
-    async with running(bootstrap=kafka.bootstrap, redis_url=redis_server.url, database_url=db_url, extra_env=env) as gw:
+    layout = Layout(env={"AUDIT_DELIVERIES": "off"})
+    async with running(bootstrap=kafka.bootstrap, redis_url=redis_server.url, database_url=db_url, layout=layout) as gw:
         async with await open_stream(gw.url, token=token("quiet")) as stream:
             await gw.produce({"user": "quiet", "data": 1})
             await gw.produce({"broadcast": True, "data": 2})

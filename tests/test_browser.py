@@ -28,9 +28,9 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from playwright.async_api import Browser, Page, Request, async_playwright, expect
 
-from scripts.embedded import KafkaBroker, RedisServer, free_port
+from scripts.embedded import free_port
 from subscriptions import services
-from tests.harness import Gateway, token
+from tests.harness import Gateway, Layout, token
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -89,28 +89,15 @@ def page_servers() -> Iterator[tuple[PageServer, PageServer]]:
 
 
 @pytest.fixture(scope="module")
-def deployment(kafka: KafkaBroker, db_url: str, page_servers: tuple[PageServer, PageServer]) -> Iterator[Gateway]:
+def shared_layout(page_servers: tuple[PageServer, PageServer]) -> Layout:
     """One gateway for this module (the tests keep apart by their users), allowing the first page origin."""
-    with RedisServer() as redis_server:
-        gw = Gateway(
-            bootstrap=kafka.bootstrap,
-            redis_url=redis_server.url,
-            database_url=db_url,
-            extra_env={"CORS_ALLOWED_ORIGINS": page_servers[0].origin, "EVENTS_RETRY_MS": str(RETRY_MS)},
-        )
-        asyncio.run(gw.create_topics())
-        try:
-            gw.start_web()
-            gw.start_consumer()
-            yield gw
-        finally:
-            gw.stop()
+    return Layout(env={"CORS_ALLOWED_ORIGINS": page_servers[0].origin, "EVENTS_RETRY_MS": str(RETRY_MS)})
 
 
-@pytest_asyncio.fixture
-async def gateway(deployment: Gateway) -> AsyncIterator[Gateway]:
-    yield deployment
-    await deployment.close_producer()  # it belongs to this test's event loop
+@pytest.fixture
+def gateway(shared_gateway: Gateway) -> Gateway:
+    """This module's tests share one deployment (shared_layout above)."""
+    return shared_gateway
 
 
 @pytest_asyncio.fixture
@@ -162,10 +149,10 @@ def stream_requests(page: Page) -> list[Request]:
 
 async def drop_connections(gw: Gateway, produce_meanwhile: list[dict[str, Any]]) -> None:
     """Stop the web process (open streams drop), produce while it is down, bring it back on the same port."""
-    port = await asyncio.to_thread(gw.stop_web, gw.url)
+    port = await gw.stop_web(gw.url)
     for envelope in produce_meanwhile:
         await gw.produce(envelope)
-    await asyncio.to_thread(gw.start_web, port=port)
+    await gw.start_web(port=port)
 
 
 def issue_ticket(base: str, bearer: str) -> str:
@@ -196,11 +183,11 @@ async def test_native_eventsource_on_the_session_cookie_resumes_after_the_server
     await expect(rows).to_have_count(5)
     last_seen = await rows.first.get_attribute("data-id")  # the log shows the newest first
 
-    port = await asyncio.to_thread(gateway.stop_web, gateway.url)
+    port = await gateway.stop_web(gateway.url)
     await expect(state).to_have_attribute("data-state", "reconnecting")
     for n in range(6, 11):  # produced while the browser cannot connect: replayed on resume
         await gateway.produce(data(n))
-    await asyncio.to_thread(gateway.start_web, port=port)
+    await gateway.start_web(port=port)
     await expect(state).to_have_attribute("data-state", "open")
     await expect(page.locator("#reconnects")).to_have_text("1")
     for n in range(11, 17):  # live again; the last is an end marker: anything repeated would come before it

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
-import pytest_asyncio
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 
-from events.store import parse_id
+from events.core.store import parse_id
 from subscriptions.models import Grant
 from tests.harness import Gateway, token
 from tests.sse_client import SSEEvent, open_stream
@@ -21,10 +19,10 @@ from tests.sse_client import SSEEvent, open_stream
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest_asyncio.fixture
-async def gateway(shared_gateway: Gateway) -> AsyncIterator[Gateway]:
-    yield shared_gateway
-    await shared_gateway.close_producer()  # it belongs to this test's event loop
+@pytest.fixture
+def gateway(shared_gateway: Gateway) -> Gateway:
+    """This module's tests share one deployment (conftest's default shared_layout)."""
+    return shared_gateway
 
 
 def _session_cookie(username: str, *, view_all: bool = False) -> str:

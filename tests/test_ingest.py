@@ -15,9 +15,10 @@ import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from events.core import routing
 from scripts.embedded import KafkaBroker, RedisServer
 from subscriptions.models import Grant, RejectedRecord
-from tests.harness import Gateway, token, wait_until
+from tests.harness import Gateway, Layout, token, wait_until
 from tests.sse_client import open_stream
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def stored(redis_url: str) -> list[dict[str, str]]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        entries: Any = client.xrange("events-gateway:events")
+        entries: Any = client.xrange(routing.EVENTS_STREAM)
         return [fields for _, fields in entries]
     finally:
         client.close()
@@ -180,7 +181,7 @@ async def test_kill_9_at_random_points_loses_nothing_and_stores_nothing_twice(
             proc, _ = gateway.consumers[-1]
             proc.signal(signal.SIGKILL)
             await asyncio.to_thread(proc.proc.wait)
-            gateway.start_consumer(wait=False)
+            await gateway.start_consumer(wait=False)
         await producer
         await wait_until(lambda: len(messages(redis_server.url)) >= total, timeout=90, what="every event stored")
         await asyncio.wait_for(listener, 60)
@@ -209,10 +210,10 @@ async def test_redis_outage_stops_the_consumer_without_committing_and_it_resumes
     kafka: KafkaBroker, db_url: str
 ) -> None:
     server = RedisServer().start()
-    gateway = Gateway(bootstrap=kafka.bootstrap, redis_url=server.url, database_url=db_url, partitions=1)
-    await gateway.create_topics()
+    layout = Layout(webs=0, partitions=1)
+    gateway = Gateway(bootstrap=kafka.bootstrap, redis_url=server.url, database_url=db_url, layout=layout)
     try:
-        gateway.start_consumer()
+        await gateway.start()
         await gateway.produce({"user": "ada", "data": "before"})
         await wait_until(lambda: len(messages(server.url)) == 1, what="the first event")
         group = gateway.env["KAFKA_GROUP_ID"]
@@ -232,8 +233,7 @@ async def test_redis_outage_stops_the_consumer_without_committing_and_it_resumes
         assert [json.loads(e["data"]) for e in messages(server.url)] == [{"during": n} for n in range(5)]
         await wait_until(lambda: _sum_committed(gateway, group, 6), what="the commit after the outage")
     finally:
-        gateway.stop()
-        await gateway.close_producer()
+        await gateway.stop()
         server.stop()
 
 

@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from scripts.embedded import KafkaBroker, RedisServer
 from subscriptions.models import Subscription
-from tests.harness import Gateway, running, token, wait_until
+from tests.harness import Gateway, Layout, running, token, wait_until
 from tests.sse_client import open_stream
 from tests.test_streams_at_scale import metric
 
@@ -32,8 +32,8 @@ def get(url: str) -> tuple[int, str]:
 
 @pytest_asyncio.fixture
 async def json_gateway(kafka: KafkaBroker, redis_server: RedisServer, db_url: str) -> AsyncIterator[Gateway]:
-    env = {"LOG_FORMAT": "json"}
-    async with running(bootstrap=kafka.bootstrap, redis_url=redis_server.url, database_url=db_url, extra_env=env) as gw:
+    layout = Layout(env={"LOG_FORMAT": "json"})
+    async with running(bootstrap=kafka.bootstrap, redis_url=redis_server.url, database_url=db_url, layout=layout) as gw:
         yield gw
 
 

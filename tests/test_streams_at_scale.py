@@ -8,14 +8,14 @@ import json
 import re
 import socket
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
 from scripts.embedded import KafkaBroker, RedisServer
 from subscriptions.models import Subscription
-from tests.harness import Gateway, token, wait_until
+from tests.harness import Gateway, Layout, running, token, wait_until
 from tests.sse_client import open_stream
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -31,33 +31,16 @@ def metric(url: str, name: str, labels: str = "") -> float:
 
 
 @pytest.fixture(scope="module")
-def two_of_each(kafka: KafkaBroker, db_url: str) -> Iterator[Gateway]:
+def shared_layout() -> Layout:
     """Two web processes and two consumers sharing a 4-partition topic, for the module's tests."""
-    with RedisServer() as server:
-        gw = Gateway(
-            bootstrap=kafka.bootstrap,
-            redis_url=server.url,
-            database_url=db_url,
-            partitions=4,
-            extra_env={"EVENTS_MAX_STREAMS_PER_USER": "2", "CORS_ALLOWED_ORIGINS": "https://renderer.example"},
-        )
-        asyncio.run(gw.create_topics())
-        try:
-            gw.start_web()
-            gw.start_web()
-            gw.start_consumer(wait=False)
-            gw.start_consumer(wait=False)
-            for proc, port in gw.consumers:
-                gw.wait_consumer(proc, port)
-            yield gw
-        finally:
-            gw.stop()
+    env = {"EVENTS_MAX_STREAMS_PER_USER": "2", "CORS_ALLOWED_ORIGINS": "https://renderer.example"}
+    return Layout(webs=2, consumers=2, partitions=4, env=env)
 
 
-@pytest_asyncio.fixture
-async def deployment(two_of_each: Gateway) -> AsyncIterator[Gateway]:
-    yield two_of_each
-    await two_of_each.close_producer()  # it belongs to this test's event loop
+@pytest.fixture
+def deployment(shared_gateway: Gateway) -> Gateway:
+    """This module's tests share one deployment (shared_layout above)."""
+    return shared_gateway
 
 
 async def test_every_stream_on_every_web_process_gets_its_events(deployment: Gateway) -> None:
@@ -145,14 +128,12 @@ async def test_a_client_that_stops_reading_is_closed_without_slowing_others(
         bootstrap=kafka.bootstrap,
         redis_url=redis_server.url,
         database_url=db_url,
-        partitions=1,
-        extra_env={"EVENTS_STREAM_BUFFER": "50"},
+        layout=Layout(partitions=1, env={"EVENTS_STREAM_BUFFER": "50"}),
     )
-    await gw.create_topics()
     slow = socket.socket()
     try:
-        web = gw.start_web()
-        gw.start_consumer()
+        await gw.start()
+        web = gw.url
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         slow.connect(("127.0.0.1", int(web.rsplit(":", 1)[1])))
         request = f"GET /api/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token('slow')}\r\n"
@@ -182,8 +163,7 @@ async def test_a_client_that_stops_reading_is_closed_without_slowing_others(
         assert total < 24_000_000
     finally:
         slow.close()
-        gw.stop()
-        await gw.close_producer()
+        await gw.stop()
 
 
 async def test_a_thousand_connect_disconnect_cycles_leave_nothing_behind(shared_cycles_gateway: Gateway) -> None:
@@ -209,16 +189,9 @@ async def test_a_thousand_connect_disconnect_cycles_leave_nothing_behind(shared_
     assert rss_growth < 16 * 1024 * 1024, f"RSS grew {rss_growth / 1e6:.1f} MB over 1,000 cycles"
 
 
-@pytest.fixture
-def shared_cycles_gateway(kafka: KafkaBroker, redis_server: RedisServer, db_url: str) -> Iterator[Gateway]:
-    gw = Gateway(
-        bootstrap=kafka.bootstrap,
-        redis_url=redis_server.url,
-        database_url=db_url,
-        extra_env={"EVENTS_MAX_STREAMS_PER_USER": "1000", "AUDIT_DELIVERIES": "all"},
-    )
-    gw.start_web()
-    try:
+@pytest_asyncio.fixture
+async def shared_cycles_gateway(kafka: KafkaBroker, redis_server: RedisServer, db_url: str) -> AsyncIterator[Gateway]:
+    """One web process and no consumer: the cycles need no events."""
+    layout = Layout(consumers=0, env={"EVENTS_MAX_STREAMS_PER_USER": "1000", "AUDIT_DELIVERIES": "all"})
+    async with running(bootstrap=kafka.bootstrap, redis_url=redis_server.url, database_url=db_url, layout=layout) as gw:
         yield gw
-    finally:
-        gw.stop()
