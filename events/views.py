@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 from django.conf import settings
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from events.delivery.auth import AuthError, Credentials, Identity, authenticate, issue_ticket
+from events.delivery.auth import AuthError, AuthUnavailable, Credentials, Identity, authenticate, issue_ticket
 from events.delivery.hub import get_hub
 from events.ops import metrics
 
@@ -33,7 +34,7 @@ async def tickets(request: HttpRequest) -> HttpResponseBase:
         identity: Identity | None = await authenticate(credentials, allow_ticket=False, redis=hub.redis)
     except AuthError as exc:
         return error(401, str(exc))
-    except (aioredis.RedisError, OSError):
+    except (aioredis.RedisError, OSError, AuthUnavailable, DatabaseError):
         return error(503, "temporarily unavailable, try again")
     if identity is None:
         return error(401, "authentication required: session cookie or Authorization: Bearer")

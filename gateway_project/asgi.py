@@ -14,6 +14,7 @@ django_application = get_asgi_application()
 from django.conf import settings  # noqa: E402
 
 from events.delivery import daphne, endpoint  # noqa: E402 - needs Django set up first
+from gateway_project import ops  # noqa: E402
 
 # The server is daphne: its specifics (slow-client probe, graceful shutdown, access log) in one adapter.
 daphne.install(json_access_log=settings.LOG_FORMAT == "json")
@@ -25,8 +26,11 @@ _django = ASGIStaticFilesHandler(django_application)
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """SSE streams go to their own endpoint (see events/delivery/endpoint.py for why); everything else to Django."""
+    """SSE streams go to their own endpoint (see events/delivery/endpoint.py for why), health and metrics to
+    theirs (any Host); everything else to Django."""
     if scope["type"] == "http" and scope["path"] == endpoint.PATH:
         await stream_endpoint(scope, receive, send)
+    elif scope["type"] == "http" and scope["path"] in ops.PATHS:
+        await ops.ops_endpoint(scope, receive, send)
     else:
         await _django(scope, receive, send)

@@ -142,6 +142,12 @@ JWT_SECRET = env.str("JWT_SECRET", default="")
 JWT_AUDIENCE = env.str("JWT_AUDIENCE", default="")
 JWT_ISSUER = env.str("JWT_ISSUER", default="")
 JWT_USER_CLAIM = env.str("JWT_USER_CLAIM", default="preferred_username")
+# Keys are also taken from this JWKS endpoint (cached, refetched on rotation); tokens name theirs by `kid`.
+JWT_JWKS_URL = env.str("JWT_JWKS_URL", default="")
+# Addresses (or CIDR networks) of the proxies in front: X-Forwarded-For is believed only from these.
+TRUSTED_PROXIES = env.list("TRUSTED_PROXIES", default=[])
+# The demo page and its publish endpoint (any user could publish to what they follow): off unless asked for.
+DEMO_ENABLED = env.bool("DEMO_ENABLED", default=False)
 
 CORS_ALLOWED_ORIGINS = env.list("CORS_ALLOWED_ORIGINS", default=[])
 AUDIT_DELIVERIES = env.str("AUDIT_DELIVERIES", default="all")

@@ -1,13 +1,11 @@
+from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
 
-from gateway_project import ops
-
+# /healthz, /readyz and /metrics are answered before Django (gateway_project/ops.py), on any Host.
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/events/", include("events.urls")),
-    path("demo/", include("events.demo.urls")),
-    path("healthz", ops.healthz),
-    path("readyz", ops.readyz),
-    path("metrics", ops.metrics),
 ]
+if settings.DEMO_ENABLED:
+    urlpatterns.append(path("demo/", include("events.demo.urls")))

@@ -108,6 +108,7 @@ def main() -> None:
     env.setdefault("CONSUMER_METRICS_PORT", str(free_port()))
     env.setdefault("KAFKA_TOPICS", "messaging_events_topic")
     env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("DEMO_ENABLED", "true")  # the page this command points the user to
     python = sys.executable
     try:
         _run([python, "manage.py", "migrate", "--verbosity", "0"], env)

@@ -1,4 +1,5 @@
-"""Embedded services for development and tests: a Kafka-protocol broker (Tansu) and Redis.
+"""Embedded services for development and tests: a Kafka-protocol broker (Tansu), Redis, and (for tests of a
+database outage) a PostgreSQL cluster of its own.
 
 Each service starts on a free loopback port, is waited on until it answers, and stops cleanly.
 Used by `scripts/dev.py` (the `./scripts/run` command) and by the pytest fixtures.
@@ -6,6 +7,7 @@ Used by `scripts/dev.py` (the `./scripts/run` command) and by the pytest fixture
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -210,3 +212,90 @@ class KafkaBroker(_Process):
         assert self.proc is not None
         _wait_for(lambda: _port_open(self.port), f"Tansu broker on port {self.port}", self.proc, 20)
         return self
+
+
+def find_postgres_bin() -> Path:
+    """The directory of PostgreSQL's server programs (Debian's `postgresql` package: initdb, pg_ctl)."""
+    explicit = os.environ.get("POSTGRES_BIN")
+    found = [Path(explicit)] if explicit else sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    for directory in found:
+        if (directory / "initdb").exists() and (directory / "pg_ctl").exists():
+            return directory
+    raise ServiceUnavailable("no PostgreSQL server programs: apt-get install postgresql (scripts/system-packages)")
+
+
+class PostgresServer(_Process):
+    """A throw-away PostgreSQL cluster on a free loopback port, with trust authentication; stop() and
+    start() again keep its data (a database restart), close() removes it."""
+
+    name = "postgres"
+    USER = "gateway"
+
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__()
+        self.port = port or free_port()
+        self.bin = find_postgres_bin()
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._as: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"postgres://{self.USER}@127.0.0.1:{self.port}/{self.USER}"
+
+    def start(self) -> Self:
+        if self._dir is None:
+            self._init()
+        assert self._dir is not None
+        data = str(Path(self._dir.name) / "data")
+        self._spawn([*self._as, str(self.bin / "postgres"), "-D", data, "-p", str(self.port), "-k", self._dir.name])
+        assert self.proc is not None
+        _wait_for(self._ready, f"postgres on port {self.port}", self.proc, 30)
+        return self
+
+    def _init(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="events-gateway-postgres-")
+        if os.geteuid() == 0:  # initdb refuses to run as root: run the cluster as the postgres user
+            shutil.chown(self._dir.name, "postgres")
+            self._as = ["runuser", "-u", "postgres", "--"]
+        data = str(Path(self._dir.name) / "data")
+        subprocess.run(
+            [*self._as, str(self.bin / "initdb"), "-D", data, "-U", self.USER, "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+        )
+
+    def _ready(self) -> bool:
+        result = subprocess.run(
+            [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.USER, "-d", "postgres"],
+            capture_output=True,
+            check=False,
+        )
+        return result.returncode == 0 and self._database_exists()
+
+    def _database_exists(self) -> bool:
+        create = subprocess.run(
+            [str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.USER, self.USER],
+            capture_output=True,
+            check=False,
+        )
+        return create.returncode == 0 or b"already exists" in create.stderr
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT: clients are disconnected, not waited for); the data stays."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=15)
+        super().stop()
+
+    def close(self) -> None:
+        """Stop the server and remove its data."""
+        self.stop()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

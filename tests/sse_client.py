@@ -42,6 +42,7 @@ class SSEConnection:
         self._buffer = b""
         self._chunked = False
         self._eof = False
+        self._remaining: int | None = None
         self.last_event_id: str | None = None
         self.retry: int | None = None
         self.raw = b""
@@ -64,6 +65,14 @@ class SSEConnection:
 
     async def _read_chunk(self) -> bytes | None:
         if not self._chunked:
+            if "content-length" in self.headers:  # a whole answer (a retry): it ends there, not at EOF
+                if self._remaining is None:
+                    self._remaining = int(self.headers["content-length"])
+                if self._remaining <= 0:
+                    return None
+                data = await self.reader.read(min(65536, self._remaining))
+                self._remaining -= len(data)
+                return data or None
             data = await self.reader.read(65536)
             return data or None
         size_line = await self.reader.readuntil(b"\r\n")

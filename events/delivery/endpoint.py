@@ -12,28 +12,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import ipaddress
 import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from http.cookies import SimpleCookie
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import redis.asyncio as aioredis
-from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import DatabaseError
+from django.http.cookie import parse_cookie
 from django.http.request import split_domain_port, validate_host
 
 from events.core import sse
 from events.core.envelope import PROCESS_INSTANCE
 from events.core.records import CloseReason
 from events.delivery import cors
-from events.delivery.auth import AuthError, Credentials, authenticate
+from events.delivery.auth import AuthError, AuthUnavailable, Credentials, authenticate, database_call
 from events.delivery.hub import get_hub
 from events.delivery.stream import Stream
 from events.ops import metrics
 from subscriptions.selectors import grants_missing
+
+_grants_missing = database_call(grants_missing)
 
 logger = logging.getLogger(__name__)
 
@@ -61,34 +65,89 @@ class Refused(Exception):
 
 
 class _RetryLater(Exception):
-    """A transient server fault (Redis down): the stream opens, says retry, and closes."""
+    """A transient server fault (Redis or the database down): the stream opens, says retry, and closes."""
+
+
+# Parameters that may appear once; a repeat is refused rather than guessed at.
+SINGLE_PARAMETERS = ("lastEventId", "ticket")
+# Headers that may appear once (Cookie may be split in several; they are joined as browsers mean them).
+SINGLE_HEADERS = ("authorization", "last-event-id", "host")
+MAX_PARAMETER_LENGTH = 1024
+MAX_QUERY_LENGTH = 8192
 
 
 class StreamRequest:
-    """What the endpoint reads from an ASGI scope."""
+    """What the endpoint reads from an ASGI scope; `problem` says what is malformed (a 400), if anything."""
 
     def __init__(self, scope: dict[str, Any]) -> None:
         self.method: str = scope["method"]
-        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        self.query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        client = scope.get("client") or ("", 0)
-        forwarded = self.headers.get("x-forwarded-for", "")
-        self.client_address = forwarded.split(",")[0].strip() if forwarded else str(client[0])
+        self.problem: str | None = None
+        self.headers: dict[str, str] = {}
+        for raw_name, raw_value in scope["headers"]:
+            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+            if name in self.headers:
+                if name == "cookie":
+                    value = f"{self.headers[name]}; {value}"
+                elif name in SINGLE_HEADERS:
+                    self.problem = f"the {name} header appears more than once"
+            self.headers[name] = value
+        query = scope.get("query_string", b"")
+        if len(query) > MAX_QUERY_LENGTH:
+            self.problem = f"the query string is longer than {MAX_QUERY_LENGTH} bytes"
+            query = b""
+        self.query = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+        for name in SINGLE_PARAMETERS:
+            if sum(1 for k, _ in self.query if k == name) > 1:
+                self.problem = f"the {name} parameter appears more than once"
+        if any(len(v) > MAX_PARAMETER_LENGTH for _, v in self.query):
+            self.problem = f"a parameter is longer than {MAX_PARAMETER_LENGTH} characters"
+        peer = str((scope.get("client") or ("", 0))[0])
+        self.client_address = client_address(peer, self.headers.get("x-forwarded-for", ""))
 
     def param(self, name: str) -> str | None:
         return next((v for k, v in self.query if k == name), None)
 
     def credentials(self) -> Credentials:
-        cookies = SimpleCookie()
-        with contextlib.suppress(Exception):
-            cookies.load(self.headers.get("cookie", ""))
-        session = cookies.get(settings.SESSION_COOKIE_NAME)
+        # Django's own parser: lenient with the other cookies of the site (a JSON value, a space), which the
+        # standard library's strict parser gives up on, losing the session cookie with them.
+        session = parse_cookie(self.headers.get("cookie", "")).get(settings.SESSION_COOKIE_NAME)
         return Credentials(
             query_keys=frozenset(k for k, _ in self.query),
             authorization=self.headers.get("authorization", ""),
             ticket=self.param("ticket"),
-            session_key=session.value if session else None,
+            session_key=session or None,
         )
+
+
+@functools.lru_cache(maxsize=4)
+def _networks(trusted: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in trusted if entry.strip())
+
+
+def _trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def client_address(peer: str, forwarded_for: str) -> str:
+    """The client's address: the peer, unless the peer is a trusted proxy (TRUSTED_PROXIES); then the
+    right-most X-Forwarded-For entry that is not itself a trusted proxy. Nothing else a client sends counts."""
+    networks = _networks(tuple(settings.TRUSTED_PROXIES))
+    if not forwarded_for or not _trusted(peer, networks):
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, networks):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _printable(value: str, limit: int) -> str:
+    """A value for an audit column: printable characters only (PostgreSQL refuses NUL), cut to `limit`."""
+    return "".join(c for c in value[: limit * 2] if c.isprintable())[:limit]
 
 
 class StreamEndpoint:
@@ -131,6 +190,8 @@ async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
     """Check everything, in the contract's order of refusals, and make the Stream."""
     if request.method != "GET":
         raise Refused(405, "use GET")
+    if request.problem is not None:
+        raise Refused(400, request.problem)
     host, _ = split_domain_port(request.headers.get("host", ""))
     allowed = settings.ALLOWED_HOSTS or (["localhost", "127.0.0.1", "[::1]"] if settings.DEBUG else [])
     if not host or not validate_host(host, allowed):
@@ -148,18 +209,17 @@ async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
     try:
         hub = await get_hub()
         identity = await authenticate(request.credentials(), allow_ticket=True, redis=hub.redis)
+        if identity is None:
+            raise Refused(401, "authentication required: session cookie, Authorization: Bearer, or ?ticket=")
+        missing = []
+        if process_instances and not identity.view_all:
+            missing = await _grants_missing(user=identity.username, process_instances=process_instances)
     except AuthError as exc:
         raise Refused(401, str(exc)) from exc
-    except (aioredis.RedisError, OSError) as exc:
+    except (aioredis.RedisError, OSError, AuthUnavailable, DatabaseError) as exc:
         raise _RetryLater from exc
-    if identity is None:
-        raise Refused(401, "authentication required: session cookie, Authorization: Bearer, or ?ticket=")
-    if process_instances and not identity.view_all:
-        missing = await sync_to_async(grants_missing, thread_sensitive=False)(
-            user=identity.username, process_instances=process_instances
-        )
-        if missing:
-            raise Refused(403, f"not allowed to follow process instance {missing[0]}")
+    if missing:
+        raise Refused(403, f"not allowed to follow process instance {missing[0]}")
 
     stream_id = str(uuid.uuid4())
     try:
@@ -175,8 +235,8 @@ async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
         auth_method=identity.method,
         last_event_id=last_event_id,
         expires_at=identity.expires_at,
-        client_address=request.client_address,
-        user_agent=request.headers.get("user-agent", ""),
+        client_address=_printable(request.client_address, 64),
+        user_agent=_printable(request.headers.get("user-agent", ""), 512),
         write_buffer=probe.buffered if probe else None,
         abort=probe.abort if probe else None,
     )

@@ -40,6 +40,8 @@ POLL_SECONDS = 1.0
 TICK_SECONDS = 1.0
 # Open-stream slots of a process that died expire after this; refreshed every tick-set.
 SLOT_TTL_SECONDS = 60
+# On shutdown, releasing the open streams' slots in Redis may take this long before it is given up.
+SLOT_RELEASE_SECONDS = 2.0
 
 _CLAIM_LUA = """
 local now = tonumber(ARGV[1])
@@ -87,10 +89,14 @@ class Hub:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), grace)
         await self._supervisor.stop()
+        # Let the streams' slot releases finish (a user's tabs reconnect to another process at once and must
+        # not find their old slots taken); only what is still stuck after a moment is cancelled.
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=SLOT_RELEASE_SECONDS)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         await self.audit.stop()
         await self.redis.aclose()
 

@@ -72,7 +72,7 @@ class Stream:
             process_instances=sorted(followed),
             auth_method=auth_method,
             opened_at=time.time(),
-            resumed_from=(last_event_id or "")[:40],
+            resumed_from="".join(c for c in (last_event_id or "")[:40] if c.isprintable()),
             client_address=client_address[:64],
             user_agent=user_agent[:512],
             instance=INSTANCE[:128],
