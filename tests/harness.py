@@ -39,13 +39,17 @@ from scripts.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 JWT_SECRET = "test-jwt-secret-that-is-long-enough-for-hs256"
-# What tests run with, on top of the production settings: quicker heartbeats and group joins.
+# What tests run with, on top of the production settings: quicker heartbeats, group joins and fetches.
 TEST_SETTINGS: Mapping[str, str] = {
     "DJANGO_DEBUG": "true",
     "DJANGO_SECRET_KEY": "test-secret-key-not-for-production",
     "EVENTS_HEARTBEAT_SECONDS": "2",
     # Consumers join and hand on partitions sooner (the broker waits about half of it on a join).
     "KAFKA_SESSION_TIMEOUT_MS": "6000",
+    # The embedded broker holds an empty fetch for the whole wait even when records arrive (scripts/dev.py too).
+    "KAFKA_FETCH_MAX_WAIT_MS": "10",
+    # The browser tests use the demo page, which production leaves off.
+    "DEMO_ENABLED": "true",
 }
 # How long a process may take to answer: a cold Django start on a busy 2-core machine takes seconds.
 READY_SECONDS = 60.0

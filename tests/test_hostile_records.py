@@ -143,9 +143,12 @@ def _no_constants(name: str) -> Any:
 def test_parse_store_render_never_raises_and_every_rejection_has_a_reason(
     store: _Store, value: bytes, timestamp: int
 ) -> None:
+    rejection: InvalidRecord | None = None
     try:
         event = parse(value, max_bytes=MAX_BYTES)
-    except InvalidRecord as rejection:
+    except InvalidRecord as exc:
+        rejection = exc
+    if rejection is not None:
         assert isinstance(rejection.reason, Rejection)
         assert rejection.detail
         # What goes into the dead-letter header is text any Kafka client reads.
