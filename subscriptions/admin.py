@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cached_property
 from math import ceil
 from typing import Any
@@ -23,7 +23,9 @@ from django.core.paginator import Paginator
 from django.db import models
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
-from django.urls import reverse
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from redis import RedisError
 
@@ -31,9 +33,17 @@ from events.core import envelope
 from subscriptions import selectors, services
 from subscriptions.models import BroadcastDelivery, DeliveryAudit, Grant, RejectedRecord, Subscription
 
+admin.site.site_header = "events-gateway admin"
+admin.site.site_title = "events-gateway"
+admin.site.index_title = "Streams, deliveries, grants and rejected records"
+# The index links the overview (rejected records by reason, open streams per web process).
+admin.site.index_template = "admin/subscriptions/index.html"
+
 # A changelist counts at most this many rows and pages at most this deep; narrow the list (date, filter,
 # search) to see further. Deep OFFSETs are as slow as counts, so the cap bounds both.
 COUNT_CAP = 10_000
+# The overview counts rejected records over this period (the reason index serves it).
+OVERVIEW_PERIOD = timedelta(days=1)
 
 
 class AtLeast(int):
@@ -154,6 +164,22 @@ def _changelist(model: type[models.Model], **params: object) -> str:
     return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist") + f"?{query}"
 
 
+def moment(value: datetime | None) -> str:
+    """A timestamp to the millisecond, in TIME_ZONE (UTC): audits are read at that resolution."""
+    if value is None:
+        return "-"
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def stream_id(value: object) -> str:
+    """A stream id on one line (a UUID's hyphens would let it wrap), in a fixed-width font."""
+    return format_html('<span class="stream-id" style="white-space: nowrap; font-family: monospace">{}</span>', value)
+
+
+def latency(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f} ms"
+
+
 def _change(obj: models.Model) -> str:
     return reverse(f"admin:{obj._meta.app_label}_{obj._meta.model_name}_change", args=[obj.pk])
 
@@ -239,11 +265,11 @@ class GrantStateFilter(admin.SimpleListFilter):
 class SubscriptionAdmin(ReadOnlyAdmin):
     matching = staticmethod(selectors.subscriptions_matching)
     list_display = (
-        "id",
+        "stream",
         "user",
         "is_open",
-        "opened_at",
-        "closed_at",
+        "opened",
+        "closed",
         "close_reason",
         "instance",
         "auth_method",
@@ -255,14 +281,14 @@ class SubscriptionAdmin(ReadOnlyAdmin):
     search_help_text = "Exact stream id, user or serving instance (host:pid)."
     date_hierarchy = "opened_at"
     ordering = ("-opened_at",)
-    sortable_by = ("opened_at",)
+    sortable_by = ("opened",)
     fields = (
         "id",
         "user",
         "process_instances",
         "auth_method",
-        "opened_at",
-        "closed_at",
+        "opened",
+        "closed",
         "close_reason",
         "resumed_from",
         "last_event_id",
@@ -274,9 +300,43 @@ class SubscriptionAdmin(ReadOnlyAdmin):
     )
     readonly_fields = fields
 
+    def get_urls(self) -> list[URLPattern]:
+        overview = path("overview/", self.admin_site.admin_view(self.overview_view), name="subscriptions_overview")
+        return [overview, *super().get_urls()]
+
+    def overview_view(self, request: HttpRequest) -> HttpResponse:
+        """Rejected records by reason over the last day, and open streams per web process."""
+        since = timezone.now() - OVERVIEW_PERIOD
+        rejected = selectors.rejected_records_by_reason(since=since)
+        open_streams = [(i, n, moment(oldest)) for i, n, oldest in selectors.open_streams_by_instance()]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Overview",
+            "since": moment(since),
+            "rejected": rejected,
+            "rejected_total": sum(n for _, n in rejected),
+            "rejected_url": _changelist(RejectedRecord).rstrip("?"),
+            "open_streams": open_streams,
+            "open_total": sum(n for _, n, _ in open_streams),
+            "streams_url": _changelist(Subscription).rstrip("?"),
+        }
+        return TemplateResponse(request, "admin/subscriptions/overview.html", context)
+
     @admin.display(boolean=True, description="open")
     def is_open(self, obj: Subscription) -> bool:
         return obj.closed_at is None
+
+    @admin.display(description="stream id", ordering="id")
+    def stream(self, obj: Subscription) -> str:
+        return stream_id(obj.pk)
+
+    @admin.display(description="opened at (UTC)", ordering="opened_at")
+    def opened(self, obj: Subscription) -> str:
+        return moment(obj.opened_at)
+
+    @admin.display(description="closed at (UTC)", ordering="closed_at")
+    def closed(self, obj: Subscription) -> str:
+        return moment(obj.closed_at)
 
     @admin.display(description="deliveries")
     def deliveries_link(self, obj: Subscription) -> str:
@@ -289,13 +349,13 @@ class DeliveryAuditAdmin(ReadOnlyAdmin):
     matching = staticmethod(selectors.deliveries_matching)
     list_display = (
         "event_id",
-        "sent_at",
+        "sent",
+        "latency",
         "status",
         "event",
         "stream_user",
-        "stream_link",
         "process_instance",
-        "latency_ms",
+        "stream_link",
         "stream_instance",
     )
     list_filter = ("status",)
@@ -304,13 +364,13 @@ class DeliveryAuditAdmin(ReadOnlyAdmin):
     search_help_text = "Exact event id, user (deliveries on that user's streams), process instance, or stream id."
     date_hierarchy = "sent_at"
     ordering = ("-sent_at",)
-    sortable_by = ("sent_at",)
+    sortable_by = ("sent",)
     fields = (
         "event_id",
         "event",
         "status",
-        "sent_at",
-        "latency_ms",
+        "sent",
+        "latency",
         "stream_link",
         "stream_user",
         "stream_instance",
@@ -321,6 +381,14 @@ class DeliveryAuditAdmin(ReadOnlyAdmin):
         "stored_event",
     )
     readonly_fields = fields
+
+    @admin.display(description="sent at (UTC)", ordering="sent_at")
+    def sent(self, obj: DeliveryAudit) -> str:
+        return moment(obj.sent_at)
+
+    @admin.display(description="latency")
+    def latency(self, obj: DeliveryAudit) -> str:
+        return latency(obj.latency_ms)
 
     @admin.display(description="stream user")
     def stream_user(self, obj: DeliveryAudit) -> str:
@@ -335,7 +403,7 @@ class DeliveryAuditAdmin(ReadOnlyAdmin):
         return format_html(
             '<a href="{}">{}</a>',
             reverse("admin:subscriptions_subscription_change", args=[obj.subscription_id]),
-            obj.subscription_id,
+            stream_id(obj.subscription_id),
         )
 
     @admin.display(description="all deliveries of this event")
@@ -370,19 +438,19 @@ class BroadcastDeliveryAdmin(ReadOnlyAdmin):
     """A broadcast is audited once per web process; its recipients are that process's open streams."""
 
     matching = staticmethod(selectors.broadcasts_matching)
-    list_display = ("event_id", "sent_at", "event", "instance", "streams", "latency_ms")
+    list_display = ("event_id", "sent", "latency", "event", "instance", "streams")
     search_fields = ("event_id", "instance")
     search_help_text = "Exact event id or serving instance (host:pid)."
     date_hierarchy = "sent_at"
     ordering = ("-sent_at",)
-    sortable_by = ("sent_at",)
+    sortable_by = ("sent",)
     fields = (
         "event_id",
         "event",
         "instance",
         "streams",
-        "sent_at",
-        "latency_ms",
+        "sent",
+        "latency",
         "kafka_topic",
         "kafka_partition",
         "kafka_offset",
@@ -390,12 +458,20 @@ class BroadcastDeliveryAdmin(ReadOnlyAdmin):
     )
     readonly_fields = fields
 
+    @admin.display(description="sent at (UTC)", ordering="sent_at")
+    def sent(self, obj: BroadcastDelivery) -> str:
+        return moment(obj.sent_at)
+
+    @admin.display(description="latency")
+    def latency(self, obj: BroadcastDelivery) -> str:
+        return latency(obj.latency_ms)
+
     @admin.display(description="streams that received it (all web processes)")
     def recipients(self, obj: BroadcastDelivery) -> str:
         shown = 100
         streams = list(selectors.broadcast_recipients(event_id=obj.event_id).order_by("opened_at")[: shown + 1])
         links = format_html_join(
-            ", ", '<a href="{}">{} ({})</a>', ((_change(s), s.pk, s.user) for s in streams[:shown])
+            ", ", '<a href="{}">{} ({})</a>', ((_change(s), stream_id(s.pk), s.user) for s in streams[:shown])
         )
         more = f" and more (first {shown} shown)" if len(streams) > shown else ""
         return format_html("{}{}", links, more) if streams else "none"
@@ -405,15 +481,15 @@ class BroadcastDeliveryAdmin(ReadOnlyAdmin):
 @admin.register(RejectedRecord)
 class RejectedRecordAdmin(ReadOnlyAdmin):
     matching = staticmethod(selectors.rejected_records_matching)
-    list_display = ("received_at", "coordinates", "reason", "short_detail", "value_size")
+    list_display = ("received", "coordinates", "reason", "short_detail", "value_size")
     list_filter = (ReasonFilter, TopicFilter)
     search_fields = ("topic", "reason")
     search_help_text = "topic/partition/offset, or an exact topic or reason."
     date_hierarchy = "received_at"
     ordering = ("-received_at",)
-    sortable_by = ("received_at",)
+    sortable_by = ("received",)
     fields = (
-        "received_at",
+        "received",
         "coordinates",
         "reason",
         "detail",
@@ -423,6 +499,10 @@ class RejectedRecordAdmin(ReadOnlyAdmin):
         "headers",
     )
     readonly_fields = fields
+
+    @admin.display(description="received at (UTC)", ordering="received_at")
+    def received(self, obj: RejectedRecord) -> str:
+        return moment(obj.received_at)
 
     @admin.display(description="Kafka record")
     def coordinates(self, obj: RejectedRecord) -> str:
@@ -469,7 +549,7 @@ class GrantRevokeForm(forms.ModelForm):
         fields = ()
 
 
-GRANT_FIELDS = ("user", "process_instance", "source", "granted_at", "granted_by", "revoked_at", "revoked_by")
+GRANT_FIELDS = ("user", "process_instance", "source", "granted", "granted_by", "revoked", "revoked_by")
 
 
 @admin.register(Grant)
@@ -477,17 +557,25 @@ class GrantAdmin(LargeTableAdmin):
     """Granting and revoking here act on open streams as `connect` / `disconnect` records do."""
 
     matching = staticmethod(selectors.grants_matching)
-    list_display = ("user", "process_instance", "active", "source", "granted_at", "granted_by", "revoked_at")
+    list_display = ("user", "process_instance", "active", "source", "granted", "granted_by", "revoked")
     list_filter = (GrantStateFilter, "source")
     search_fields = ("user", "process_instance")
     search_help_text = "Exact user or process instance."
     ordering = ("-granted_at",)
-    sortable_by = ("granted_at",)
+    sortable_by = ("granted",)
     actions = ("revoke_selected",)
 
     @admin.display(boolean=True, description="active")
     def active(self, obj: Grant) -> bool:
         return obj.active
+
+    @admin.display(description="granted at (UTC)", ordering="granted_at")
+    def granted(self, obj: Grant) -> str:
+        return moment(obj.granted_at)
+
+    @admin.display(description="revoked at (UTC)", ordering="revoked_at")
+    def revoked(self, obj: Grant) -> str:
+        return moment(obj.revoked_at)
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # revoke instead: grants are the record of who could follow what, and when

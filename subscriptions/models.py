@@ -30,6 +30,8 @@ class Subscription(models.Model):
     instance = models.CharField(max_length=128, help_text="web process (host:pid) that served the stream")
 
     class Meta:
+        verbose_name = "stream"
+        verbose_name_plural = "streams"
         indexes = [
             # The changelist's order (-opened_at, -pk); a user's streams; streams of one serving instance
             # (and the loose index scan that lists instances for the filter); the open streams, newest first.
@@ -58,18 +60,22 @@ class DeliveryAudit(models.Model):
         db_constraint=False,
         verbose_name="stream",
     )
-    event_id = models.CharField(max_length=40)
+    event_id = models.CharField(max_length=40, verbose_name="event id")
     event = models.CharField(max_length=64)
     status = models.CharField(max_length=16, choices=Status.choices)
     user = models.CharField(max_length=150, blank=True, help_text="the user the event was addressed to, if any")
     process_instance = models.CharField(max_length=128, blank=True)
-    kafka_topic = models.CharField(max_length=255, blank=True)
-    kafka_partition = models.IntegerField(null=True)
-    kafka_offset = models.BigIntegerField(null=True)
+    kafka_topic = models.CharField(max_length=255, blank=True, verbose_name="Kafka topic")
+    kafka_partition = models.IntegerField(null=True, verbose_name="Kafka partition")
+    kafka_offset = models.BigIntegerField(null=True, verbose_name="Kafka offset")
     sent_at = models.DateTimeField()
-    latency_ms = models.FloatField(null=True, help_text="Kafka record timestamp to bytes written")
+    latency_ms = models.FloatField(
+        null=True, verbose_name="latency (ms)", help_text="Kafka record timestamp to bytes written"
+    )
 
     class Meta:
+        verbose_name = "delivery audit"
+        verbose_name_plural = "delivery audits"
         # Every index costs each audit insert, so only what the admin reads: the changelist order
         # (-sent_at, -pk), an event's deliveries, a process instance's, a stream's (and, through the
         # streams of a user, that user's; it also serves the foreign key), and the status filter.
@@ -92,17 +98,21 @@ class BroadcastDelivery(models.Model):
     a stream that lost it has its own `dropped` DeliveryAudit row.
     """
 
-    event_id = models.CharField(max_length=40)
+    event_id = models.CharField(max_length=40, verbose_name="event id")
     event = models.CharField(max_length=64)
     instance = models.CharField(max_length=128, help_text="web process (host:pid)")
     streams = models.PositiveIntegerField(help_text="streams it was written to")
     sent_at = models.DateTimeField()
-    latency_ms = models.FloatField(null=True, help_text="Kafka record timestamp to the first write")
-    kafka_topic = models.CharField(max_length=255, blank=True)
-    kafka_partition = models.IntegerField(null=True)
-    kafka_offset = models.BigIntegerField(null=True)
+    latency_ms = models.FloatField(
+        null=True, verbose_name="latency (ms)", help_text="Kafka record timestamp to the first write"
+    )
+    kafka_topic = models.CharField(max_length=255, blank=True, verbose_name="Kafka topic")
+    kafka_partition = models.IntegerField(null=True, verbose_name="Kafka partition")
+    kafka_offset = models.BigIntegerField(null=True, verbose_name="Kafka offset")
 
     class Meta:
+        verbose_name = "broadcast delivery"
+        verbose_name_plural = "broadcast deliveries"
         indexes = [
             models.Index(fields=["-sent_at", "-id"], name="broadcast_sent"),
             models.Index(fields=["event_id"], name="broadcast_event"),
@@ -128,6 +138,8 @@ class Grant(models.Model):
     revoked_by = models.CharField(max_length=255, blank=True)
 
     class Meta:
+        verbose_name = "grant"
+        verbose_name_plural = "grants"
         constraints = [
             models.UniqueConstraint(
                 fields=["user", "process_instance"],
@@ -162,10 +174,12 @@ class RejectedRecord(models.Model):
     detail = models.TextField()
     key = models.TextField(blank=True)
     value_preview = models.TextField(blank=True, help_text="the first 4 KiB of the value, as text")
-    value_size = models.PositiveIntegerField()
+    value_size = models.PositiveIntegerField(verbose_name="value size (bytes)")
     headers = models.JSONField(default=list, blank=True)
 
     class Meta:
+        verbose_name = "rejected record"
+        verbose_name_plural = "rejected records"
         indexes = [
             models.Index(fields=["-received_at"], name="rejected_received"),
             models.Index(fields=["reason", "-received_at"], name="rejected_reason"),

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connections, models
-from django.db.models import Q
+from django.db.models import Count, Min, Q
 from django.utils import timezone
 
 from events.core import blocking
@@ -209,3 +209,26 @@ def broadcast_recipients(*, event_id: str) -> models.QuerySet[Subscription]:
         )
     dropped = DeliveryAudit.objects.filter(event_id=event_id, status=DeliveryAudit.Status.DROPPED)
     return Subscription.objects.filter(on_instance).exclude(pk__in=dropped.values("subscription_id"))
+
+
+def rejected_records_by_reason(*, since: datetime) -> list[tuple[str, int]]:
+    """Rejected records received since `since`, counted per reason, the most frequent first."""
+    rows = (
+        RejectedRecord.objects.filter(received_at__gte=since)
+        .values("reason")
+        .annotate(records=Count("pk"))
+        .order_by("-records", "reason")
+    )
+    return [(row["reason"], row["records"]) for row in rows]
+
+
+def open_streams_by_instance() -> list[tuple[str, int, datetime]]:
+    """Streams not closed, per serving web process: (instance, streams, oldest opened_at), the most first.
+    A web process that died without closing its streams keeps them here until they are closed."""
+    rows = (
+        Subscription.objects.filter(closed_at__isnull=True)
+        .values("instance")
+        .annotate(streams=Count("pk"), oldest=Min("opened_at"))
+        .order_by("-streams", "instance")
+    )
+    return [(row["instance"], row["streams"], row["oldest"]) for row in rows]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -198,12 +198,21 @@ class PurgeResult:
     broadcasts: int = 0
 
 
-def audits_purge(*, before: datetime, chunk_size: int = 5000, dry_run: bool = False) -> PurgeResult:
+def audits_purge(
+    *,
+    before: datetime,
+    chunk_size: int = 5000,
+    dry_run: bool = False,
+    pause_seconds: float = 0.0,
+    progress: Callable[[str, int], None] | None = None,
+) -> PurgeResult:
     """Delete delivery audits, broadcast rows and rejected records older than `before`, and the closed
     streams older than it that have no audits left, `chunk_size` rows per short transaction so no table
     is locked for long.
 
     With dry_run, count what would go and delete nothing. Grants are kept: they are the access history.
+    After each chunk, `progress(table, deleted so far from it)` is called, then the purge sleeps
+    `pause_seconds` (a sync caller's pause: it lets a busy database catch up between transactions).
     """
     old_audits = DeliveryAudit.objects.filter(sent_at__lt=before)
     old_rejected = RejectedRecord.objects.filter(received_at__lt=before)
@@ -240,5 +249,9 @@ def audits_purge(*, before: datetime, chunk_size: int = 5000, dry_run: bool = Fa
             longest = max(longest, time.monotonic() - started)
             total += deleted.get(rows.model._meta.label, 0)
             chunks += 1
+            if progress is not None:
+                progress(str(rows.model._meta.verbose_name_plural), total)
+            if pause_seconds > 0:
+                time.sleep(pause_seconds)
         counts.append(total)
     return PurgeResult(counts[0], counts[1], counts[2], chunks, longest, broadcasts=counts[3])

@@ -33,12 +33,32 @@ class Command(BaseCommand):
         parser.add_argument("--older-than", required=True, help="age like 30d, 12h, 15m or 45s")
         parser.add_argument("--chunk-size", type=int, default=5000, help="rows deleted per transaction")
         parser.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
+        parser.add_argument(
+            "--pause",
+            type=float,
+            default=0.0,
+            help="seconds to wait between chunks, so a busy database keeps up (default 0)",
+        )
+        parser.add_argument("--quiet", action="store_true", help="print only the summary, not each chunk")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["chunk_size"] < 1:
             raise CommandError("--chunk-size must be positive")
+        if not 0 <= options["pause"] <= 3600:
+            raise CommandError("--pause takes seconds between 0 and 3600")
         before = timezone.now() - parse_age(options["older_than"])
-        result = services.audits_purge(before=before, chunk_size=options["chunk_size"], dry_run=options["dry_run"])
+
+        def progress(table: str, deleted: int) -> None:
+            self.stdout.write(f"  {table}: {deleted:,} deleted so far")
+            self.stdout.flush()
+
+        result = services.audits_purge(
+            before=before,
+            chunk_size=options["chunk_size"],
+            dry_run=options["dry_run"],
+            pause_seconds=options["pause"],
+            progress=None if options["quiet"] else progress,
+        )
         what = (
             f"{result.audits:,} delivery audits, {result.broadcasts:,} broadcast rows, "
             f"{result.subscriptions:,} closed streams, "
