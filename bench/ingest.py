@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,11 +21,14 @@ from typing import Any
 import psutil
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from scripts.embedded import KafkaBroker, RedisServer, free_port
+from events.core import routing
+from scripts.embedded import KafkaBroker, RedisServer
+from tests.harness import Gateway, Layout, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+# The consumer on debug settings (no secret to supply), logging warnings only.
+SETTINGS = {"DJANGO_DEBUG": "true", "DJANGO_SECRET_KEY": "bench", "LOG_LEVEL": "WARNING"}
 
 
 def envelope(n: int, rng: random.Random) -> tuple[bytes, bytes]:
@@ -58,15 +59,6 @@ def envelope(n: int, rng: random.Random) -> tuple[bytes, bytes]:
         value = {"event": "Announcement", "broadcast": True, "data": {"text": "maintenance at 22:00"}}
         key = "broadcast"
     return key.encode(), json.dumps(value).encode()
-
-
-async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
-    finally:
-        await admin.close()
 
 
 async def produce(bootstrap: str, topic: str, count: int) -> float:
@@ -122,37 +114,21 @@ async def raw_ceiling(bootstrap: str, topic: str, redis_url: str, count: int) ->
     return {"events_per_s": (count - 1) / (last - first), "cpu_s": time.process_time() - cpu_before}
 
 
-async def gateway_consumer(bootstrap: str, topic: str, redis_url: str, count: int, db: str) -> dict[str, float]:
+async def gateway_consumer(gateway: Gateway, count: int) -> dict[str, float]:
     """One `manage.py run_consumer` process; rate from the first to the last event made durable."""
-    env = {
-        **os.environ,
-        "DJANGO_DEBUG": "true",
-        "DJANGO_SECRET_KEY": "bench",
-        "DATABASE_URL": f"sqlite:///{db}",
-        "REDIS_URL": redis_url,
-        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "KAFKA_TOPICS": topic,
-        "KAFKA_GROUP_ID": "gateway-bench",
-        "KAFKA_DLQ_TOPIC": topic + ".DLQ",
-        "CONSUMER_METRICS_PORT": "0",
-        "LOG_LEVEL": "WARNING",
-    }
-    migrate = await asyncio.create_subprocess_exec(sys.executable, "manage.py", "migrate", "-v", "0", cwd=ROOT, env=env)
-    if await migrate.wait() != 0:
-        raise RuntimeError("migrate failed")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "manage.py", "run_consumer", "--metrics-port", str(free_port()), cwd=ROOT, env=env
-    )
-    client = aioredis.from_url(redis_url, decode_responses=True)
+    await gateway.manage("migrate", "-v", "0")
+    proc = await gateway.start_consumer(wait=False)
+    client = aioredis.from_url(gateway.env["REDIS_URL"], decode_responses=True)
     try:
         ps = psutil.Process(proc.pid)
-        while await client.xlen("events-gateway:events") < count:
-            if proc.returncode is not None:
-                raise RuntimeError(f"run_consumer exited with {proc.returncode}")
-            await asyncio.sleep(0.2)
+
+        async def stored() -> bool:
+            return await client.xlen(routing.EVENTS_STREAM) >= count
+
+        await wait_until(stored, timeout=600, interval=0.2, what=f"{count} events stored", watch=[proc])
         cpu = ps.cpu_times()
-        head: Any = await client.xrange("events-gateway:events", count=1)
-        tail: Any = await client.xrevrange("events-gateway:events", count=1)
+        head: Any = await client.xrange(routing.EVENTS_STREAM, count=1)
+        tail: Any = await client.xrevrange(routing.EVENTS_STREAM, count=1)
         first, last = head[0][1], tail[0][1]
         seconds = (int(last["received_at"]) - int(first["received_at"])) / 1000
         return {
@@ -161,21 +137,26 @@ async def gateway_consumer(bootstrap: str, topic: str, redis_url: str, count: in
             "rss_mb": ps.memory_info().rss / 1e6,
         }
     finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 15)
+        await gateway.stop()
         await client.aclose()
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     with KafkaBroker() as broker, RedisServer() as redis_server, tempfile.TemporaryDirectory() as tmp:
-        topic = "bench-ingest"
-        await create_topic(broker.bootstrap, topic, args.partitions)
-        await create_topic(broker.bootstrap, topic + ".DLQ", 1)
-        produced = await produce(broker.bootstrap, topic, args.events)
+        gateway = Gateway(
+            bootstrap=broker.bootstrap,
+            redis_url=redis_server.url,
+            database_url=f"sqlite:///{tmp}/db.sqlite3",
+            layout=Layout(webs=0, consumers=0, partitions=args.partitions),
+            settings=SETTINGS,
+            name="bench-ingest",
+        )
+        await gateway.create_topics()
+        produced = await produce(broker.bootstrap, gateway.topic, args.events)
         print(f"produced {args.events} records at {produced:,.0f}/s", flush=True)
-        ceiling = await raw_ceiling(broker.bootstrap, topic, redis_server.url, args.events)
+        ceiling = await raw_ceiling(broker.bootstrap, gateway.topic, redis_server.url, args.events)
         print(f"raw ceiling (aiokafka + pipelined XADD): {ceiling['events_per_s']:,.0f} events/s", flush=True)
-        ours = await gateway_consumer(broker.bootstrap, topic, redis_server.url, args.events, f"{tmp}/db.sqlite3")
+        ours = await gateway_consumer(gateway, args.events)
         print(
             f"run_consumer: {ours['events_per_s']:,.0f} events/s, {ours['cpu_s']:.1f} s CPU, "
             f"{ours['rss_mb']:.0f} MB RSS",

@@ -1,4 +1,5 @@
-"""A load-generating SSE client on raw asyncio sockets, run as a worker process by bench/delivery.py.
+"""A load-generating SSE client on raw asyncio sockets, run as worker processes by bench/delivery.py
+(bench/support.py `Clients`).
 
 Each stream is one asyncio.Protocol: the HTTP head is parsed once, then every `data_received` decodes
 whole HTTP/1.1 chunks and counts complete SSE blocks that carry a `"publishedAt":"<ISO 8601>"` field
