@@ -158,8 +158,13 @@ async def test_kill_9_at_random_points_loses_nothing_and_stores_nothing_twice(
     rng = random.Random(7)
     received: list[Any] = []
 
+    # Connected before the first record is produced: a stream that opens later starts after what was stored
+    # before it (the response headers arrive once it is registered), and would never see all of them.
+    stream = await open_stream(gateway.url, token=token("kim"))
+    assert stream.status == 200
+
     async def listen() -> None:
-        async with await open_stream(gateway.url, token=token("kim")) as stream:
+        async with stream:
             while len(received) < total:
                 event = await stream.next_event(timeout=120)
                 assert event is not None
