@@ -21,8 +21,8 @@ from events.core import blocking
 from events.core.store import parse_id
 from subscriptions.models import BroadcastDelivery, DeliveryAudit, Grant, RejectedRecord, Subscription
 
-EVENT_ID = re.compile(r"^\d{1,15}-\d{1,15}$")
-KAFKA_COORDINATES = re.compile(r"^(?P<topic>.+)/(?P<partition>\d{1,9})/(?P<offset>\d{1,18})$")
+EVENT_ID = re.compile(r"^[0-9]{1,15}-[0-9]{1,15}\Z")
+KAFKA_COORDINATES = re.compile(r"^(?P<topic>.+)/(?P<partition>[0-9]{1,9})/(?P<offset>[0-9]{1,18})\Z")
 # A date hierarchy lists at most this many periods (a day level has at most 31; years, a handful).
 MAX_PERIODS = 400
 

@@ -204,6 +204,8 @@ def _sources(event: envelope.Event) -> list[str]:
         (b'{"user":"ana","id":"a\\u0000b","data":1}', Rejection.BAD_ID),
         (b'{"user":"ana","id":"\\ud800","data":1}', Rejection.BAD_ID),
         (b'{"user":"\\ud800","data":1}', Rejection.BAD_USER),
+        (b'{"processInstanceUuid":"pi-1\\n","data":1}', Rejection.BAD_PROCESS_INSTANCE),
+        (b'{"user":"ana","event":"Data\\n","data":1}', Rejection.BAD_EVENT),
     ],
 )
 def test_each_class_of_hostile_value_has_its_reason(value: bytes, reason: Rejection) -> None:

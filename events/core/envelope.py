@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-EVENT_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+EVENT_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 # Process instance ids become parts of Redis keys and group names: keep them to a safe alphabet.
-PROCESS_INSTANCE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+PROCESS_INSTANCE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 USER_MAX_LENGTH = 150  # Django's username length
 PRODUCER_ID_MAX_LENGTH = 200
 TYPES = frozenset({"message", "connect", "disconnect"})

@@ -29,7 +29,7 @@ APPEND_CHUNK = 500
 # Trimming is approximate (MINID ~): entries this close to the retention horizon may or may not be gone.
 TRIM_MARGIN_MS = 60_000
 # ASCII digits only: `\\d` would also take other scripts' digits, which int() reads but Redis refuses.
-ID_PATTERN = re.compile(r"^([0-9]{1,15})-([0-9]{1,15})$")
+ID_PATTERN = re.compile(r"^([0-9]{1,15})-([0-9]{1,15})\Z")
 
 
 class AppendRow(NamedTuple):

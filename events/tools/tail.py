@@ -22,7 +22,7 @@ from events.core.store import EventStore, parse_id
 
 # New events are stored within a batch time of being produced; half a second keeps a tail lively and cheap.
 POLL_SECONDS = 0.5
-NUMBER = re.compile(r"^[0-9]{1,15}$")
+NUMBER = re.compile(r"^[0-9]{1,15}\Z")
 
 
 class BadPosition(ValueError):

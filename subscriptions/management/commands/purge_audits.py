@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from subscriptions import services
 
-AGE = re.compile(r"^(\d+)([dhms])$")
+AGE = re.compile(r"^(\d+)([dhms])\Z")
 UNIT_SECONDS = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
 
 
