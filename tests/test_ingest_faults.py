@@ -171,6 +171,18 @@ async def test_a_rebalance_during_a_redis_stall_does_not_crash_the_consumer(kafk
                 assert consumer.proc.running, consumer.proc.log_tail()
             for failure in ("IllegalStateError", "task failed", "storing a batch failed"):
                 assert failure not in first.proc.log()
+
+            async def lag_labels_follow_assignment() -> bool:
+                """Each consumer reports lag for the partitions it owns now, none for those it gave up."""
+                for consumer in (first, second):
+                    _, ready = await http_get(f"http://127.0.0.1:{consumer.port}/readyz")
+                    _, body = await http_get(f"http://127.0.0.1:{consumer.port}/metrics")
+                    labels = [line for line in body.splitlines() if line.startswith("gateway_consumer_lag{")]
+                    if len(labels) != json.loads(ready)["assigned_partitions"]:
+                        return False
+                return True
+
+            await wait_until(lag_labels_follow_assignment, timeout=30, what="lag labels to follow the assignment")
             await stream.close()
         finally:
             await gateway.stop()
