@@ -32,7 +32,8 @@ from scripts.embedded import free_port
 from subscriptions import services
 from tests.harness import Gateway, Layout, token
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# The database is used here as the other end-to-end tests use it: the PostgreSQL pass leaves these out.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.incidental_db]
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; scripts/system-packages installs it
 CHROMIUM_ARGS = [

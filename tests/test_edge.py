@@ -30,7 +30,8 @@ from tests.harness import ROOT, Gateway, Layout, http_get, running, token, wait_
 from tests.sse_client import SSEConnection, open_stream
 from tests.test_settings import PRODUCTION, manage
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# The database is used here as the other end-to-end tests use it: the PostgreSQL pass leaves these out.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.incidental_db]
 
 
 def _session_cookie(username: str) -> str:

@@ -21,7 +21,8 @@ from tests.harness import Gateway, Layout, http_get, token, wait_until
 from tests.sse_client import open_stream
 from tests.test_ingest import messages, read_topic
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# The database is used here as the other end-to-end tests use it: the PostgreSQL pass leaves these out.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.incidental_db]
 
 HOSTILE: list[tuple[bytes, str]] = [
     (b"[" * 100_000, "too_deep"),

@@ -18,7 +18,8 @@ from subscriptions.models import Subscription
 from tests.harness import Gateway, Layout, running, token, wait_until
 from tests.sse_client import open_stream
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# The database is used here as the other end-to-end tests use it: the PostgreSQL pass leaves these out.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.incidental_db]
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
