@@ -9,11 +9,11 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-# PIP_REQUIRE_HASHES is --require-hashes: a file whose hash is not in the lock is refused.
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_REQUIRE_HASHES=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/venv
 COPY requirements.txt /tmp/requirements.txt
-RUN /opt/venv/bin/python -m pip install -r /tmp/requirements.txt
+# --require-hashes: a file whose hash is not in the lock is refused.
+RUN /opt/venv/bin/python -m pip install --require-hashes -r /tmp/requirements.txt
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="events-gateway" \

@@ -407,14 +407,14 @@ def test_dockerfile_installs_requirements_as_scripts_setup_does() -> None:
     instructions = dockerfile_instructions()
     copies = {args.split()[-1]: args.split()[0] for instr, args in instructions if instr == "COPY"}
     [install] = [args for instr, args in instructions if instr == "RUN" and "pip install" in args]
-    match = re.fullmatch(r"(\S+)/bin/python -m pip install -r (\S+)", install)
+    match = re.fullmatch(r"(\S+)/bin/python -m pip install --require-hashes -r (\S+)", install)
     assert match is not None, f"install step differs from scripts/setup's form: {install!r}"
     assert copies[match[2]] == "requirements.txt"
     assert any(instr == "RUN" and args == f"python -m venv {match[1]}" for instr, args in instructions)
 
     setup = (REPO / "scripts" / "setup").read_text()
     assert '"$PYTHON" -m venv .venv' in setup
-    assert re.search(r"\.venv/bin/python -m pip install .*-r requirements-dev\.txt", setup)
+    assert re.search(r"\.venv/bin/python -m pip install .*--require-hashes -r requirements-dev\.txt", setup)
     dev = (REPO / "requirements-dev.txt").read_text().splitlines()
     assert "-r requirements.txt" in dev, "the development install must include the image's requirements"
     pins = [ln.split("#")[0].strip() for ln in (REPO / "requirements.txt").read_text().splitlines()]
