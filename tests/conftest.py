@@ -1,4 +1,4 @@
-"""Fixtures: a real Kafka-protocol broker (Tansu), a real Redis per test, the gateway's processes.
+"""Fixtures: a real Kafka-protocol broker (Tansu), a real Redis per test, the gateway's processes, Chromium.
 
 Two ways to get a deployment (tests/harness.py starts both): `gateway`, a fresh one for one test, and
 `shared_gateway`, one per module, which a module shapes by overriding `shared_layout`.
@@ -6,11 +6,14 @@ Two ways to get a deployment (tests/harness.py starts both): `gateway`, a fresh 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from django.db import connection
+from playwright.async_api import Browser, async_playwright
 
 from scripts.embedded import KafkaBroker, RedisServer
 from tests.harness import Gateway, Layout, database_url, deployed, running
@@ -64,3 +67,26 @@ async def shared_gateway(module_gateway: Gateway) -> AsyncIterator[Gateway]:
     """The module's deployment, for one test: the producer a test starts belongs to that test's event loop."""
     yield module_gateway
     await module_gateway.close_producer()
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; scripts/system-packages installs it
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # the tests run as root in a container
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest_asyncio.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not await asyncio.to_thread(CHROMIUM.exists):
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/system-packages as root (apt-get install chromium)")
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()

@@ -14,7 +14,7 @@ import json
 import re
 import threading
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,11 +22,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-import pytest_asyncio
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
-from playwright.async_api import Browser, Page, Request, async_playwright, expect
+from playwright.async_api import Browser, Page, Request, expect
 
 from scripts.embedded import free_port
 from subscriptions import services
@@ -35,15 +34,6 @@ from tests.harness import Gateway, Layout, token
 # The database is used here as the other end-to-end tests use it: the PostgreSQL pass leaves these out.
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.incidental_db]
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; scripts/system-packages installs it
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # the tests run as root in a container
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 BROWSER_DIR = Path(__file__).parent / "browser"
 PASSWORD = "browser-test-password"
 # The `retry:` the gateway tells browsers: short, so reconnects happen within the test's patience.
@@ -99,18 +89,6 @@ def shared_layout(page_servers: tuple[PageServer, PageServer]) -> Layout:
 def gateway(shared_gateway: Gateway) -> Gateway:
     """This module's tests share one deployment (shared_layout above)."""
     return shared_gateway
-
-
-@pytest_asyncio.fixture
-async def browser() -> AsyncIterator[Browser]:
-    if not await asyncio.to_thread(CHROMIUM.exists):
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/system-packages as root (apt-get install chromium)")
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 # --- helpers ------------------------------------------------------------------------------------------
