@@ -151,13 +151,18 @@ class IngestService:
         never stored). What was stored after all is recognised by its offset and skipped."""
         assert self.consumer is not None
         for tp in self.consumer.assignment():
-            done = self._done.get(tp)
-            if done is None:
-                done = await self.consumer.committed(tp)
-            if done is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, done)
+            self.consumer.seek(tp, await self._durable_position(tp))
+
+    async def _durable_position(self, tp: TopicPartition) -> int:
+        """The next offset of `tp` to make durable: from this consumer's own progress, else the group's
+        commit, else (never committed) the partition's start, as auto_offset_reset=earliest reads it."""
+        assert self.consumer is not None
+        done = self._done.get(tp)
+        if done is None:
+            done = await self.consumer.committed(tp)
+        if done is None:
+            done = (await self.consumer.beginning_offsets([tp]))[tp]
+        return done
 
     async def run(self) -> None:
         """Consume until request_stop(); the service must be started.
@@ -227,10 +232,8 @@ class IngestService:
                 partitions=sorted(str(tp) for tp in batch),
             )
             ids = await self._one_by_one(work)
-        for tp, messages in batch.items():
-            if messages:
-                self._done[tp] = messages[-1].offset + 1
         offsets = {tp: messages[-1].offset + 1 for tp, messages in batch.items() if messages}
+        self._done.update(offsets)
         await asyncio.gather(self._announce(ids), self._commit(offsets))
         metrics.CONSUMER_BATCH_SECONDS.observe(time.perf_counter() - started)
 
@@ -392,12 +395,8 @@ class IngestService:
                     continue
                 ends = await consumer.end_offsets(list(assigned))
                 for tp, end in ends.items():
-                    done = self._done.get(tp)
-                    if done is None:  # nothing made durable here yet: count from the group's commit
-                        done = await consumer.committed(tp)
-                    if done is None:  # the group never committed: from the partition's start
-                        done = (await consumer.beginning_offsets([tp]))[tp]
-                    if done is not None and tp in consumer.assignment():
+                    done = await self._durable_position(tp)
+                    if tp in consumer.assignment():
                         metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(max(0, end - done))
             except (KafkaError, IllegalStateError) as exc:
                 logger.debug("lag not refreshed: %r", exc)
