@@ -61,6 +61,12 @@ class BroadcastRow(NamedTuple):
     kafka_offset: int
 
 
+def audit_text(value: str, limit: int) -> str:
+    """A value a client sent, fit for a text column: printable characters only (PostgreSQL refuses NUL),
+    at most `limit` of them."""
+    return "".join(c for c in value[: limit * 2] if c.isprintable())[:limit]
+
+
 @dataclass(slots=True)
 class AuditBatch:
     """What one web process sends in one flush: one Redis stream entry."""

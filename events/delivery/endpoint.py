@@ -28,6 +28,7 @@ from django.http.cookie import parse_cookie
 from django.http.request import split_domain_port, validate_host
 
 from events.core import sse
+from events.core.audit import audit_text
 from events.core.envelope import PROCESS_INSTANCE
 from events.core.records import CloseReason
 from events.delivery import cors
@@ -145,11 +146,6 @@ def client_address(peer: str, forwarded_for: str) -> str:
     return hops[0] if hops else peer
 
 
-def _printable(value: str, limit: int) -> str:
-    """A value for an audit column: printable characters only (PostgreSQL refuses NUL), cut to `limit`."""
-    return "".join(c for c in value[: limit * 2] if c.isprintable())[:limit]
-
-
 class StreamEndpoint:
     """The ASGI application for PATH; `probe_for` comes from the server adapter (None: no probe)."""
 
@@ -235,8 +231,8 @@ async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
         auth_method=identity.method,
         last_event_id=last_event_id,
         expires_at=identity.expires_at,
-        client_address=_printable(request.client_address, 64),
-        user_agent=_printable(request.headers.get("user-agent", ""), 512),
+        client_address=audit_text(request.client_address, 64),
+        user_agent=audit_text(request.headers.get("user-agent", ""), 512),
         write_buffer=probe.buffered if probe else None,
         abort=probe.abort if probe else None,
     )

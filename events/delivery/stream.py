@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Callable
 from django.conf import settings
 
 from events.core import routing, sse
-from events.core.audit import StreamRow
+from events.core.audit import StreamRow, audit_text
 from events.core.instance import INSTANCE
 from events.core.records import CloseReason, DeliveryStatus, StoredEvent
 from events.delivery.hub import Hub, render
@@ -72,7 +72,7 @@ class Stream:
             process_instances=sorted(followed),
             auth_method=auth_method,
             opened_at=time.time(),
-            resumed_from="".join(c for c in (last_event_id or "")[:40] if c.isprintable()),
+            resumed_from=audit_text(last_event_id or "", 40),
             client_address=client_address[:64],
             user_agent=user_agent[:512],
             instance=INSTANCE[:128],
