@@ -5,9 +5,11 @@ middle of a batch, a dead audit writer, a stored entry no web process can read."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psutil
@@ -107,27 +109,32 @@ async def test_a_repeated_producer_id_changes_nothing_connect_and_disconnect_inc
     assert not await Grant.objects.filter(process_instance="pi-r", revoked_at__isnull=True).aexists()
 
 
-async def _deny_scripts(url: str, deny: bool) -> None:
-    """Make Redis refuse (or accept again) the event store's script: appends fail, reads work."""
+async def _acl(url: str, *rules: str) -> None:
     client = aioredis.from_url(url)
     try:
-        rules = ["-evalsha", "-eval"] if deny else ["+@all"]
         await client.execute_command("ACL", "SETUSER", "default", *rules)
     finally:
         await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def scripts_refused(url: str) -> AsyncIterator[None]:
+    """While inside, Redis refuses the event store's script (appends fail, reads work); accepted again after."""
+    await _acl(url, "-evalsha", "-eval")
+    try:
+        yield
+    finally:
+        await _acl(url, "+@all")
 
 
 async def test_a_batch_retried_after_a_redis_failure_dead_letters_each_record_once(
     gateway: Gateway, redis_server: RedisServer
 ) -> None:
     consumer = gateway.consumers[0]
-    await _deny_scripts(redis_server.url, deny=True)
-    try:
+    async with scripts_refused(redis_server.url):
         await gateway.produce(b"{not json", key="k")
         await gateway.produce({"user": "ana", "data": "kept"}, key="k")
         await wait_until(lambda: consumer.proc.log().count("retrying in") >= 3, timeout=60, what="retries")
-    finally:
-        await _deny_scripts(redis_server.url, deny=False)
     await wait_until(lambda: messages(redis_server.url), timeout=60, what="the batch to be stored")
     await asyncio.sleep(2)  # a duplicate copy would have been sent by now
     dead = await read_topic(gateway.bootstrap, gateway.dlq, 2, timeout=5)
@@ -146,8 +153,7 @@ async def test_a_rebalance_during_a_redis_stall_does_not_crash_the_consumer(kafk
             await gateway.start()
             stream = await open_stream(gateway.url, token=token("reb"))
             first = gateway.consumers[0]
-            await _deny_scripts(server.url, deny=True)
-            try:
+            async with scripts_refused(server.url):
                 for n in range(40):
                     await gateway.produce({"user": "reb", "data": n}, key=f"k{n % 8}")
                 await wait_until(lambda: first.proc.log().count("retrying in") >= 2, timeout=60, what="A retries")
@@ -159,8 +165,6 @@ async def test_a_rebalance_during_a_redis_stall_does_not_crash_the_consumer(kafk
                     what="the rebalance",
                     watch=[first.proc],
                 )
-            finally:
-                await _deny_scripts(server.url, deny=False)
             await wait_until(
                 lambda: len(messages(server.url)) >= 40, timeout=90, what="every event stored", watch=[first.proc]
             )
@@ -193,8 +197,7 @@ async def test_lag_climbs_while_redis_refuses_writes_and_falls_after(
     gateway: Gateway, redis_server: RedisServer
 ) -> None:
     consumer = gateway.consumers[0]
-    await _deny_scripts(redis_server.url, deny=True)
-    try:
+    async with scripts_refused(redis_server.url):
         for n in range(12):
             await gateway.produce({"user": "lag", "data": n}, key=f"k{n}")
 
@@ -202,8 +205,6 @@ async def test_lag_climbs_while_redis_refuses_writes_and_falls_after(
             return await metric(consumer.port, "gateway_consumer_lag{") >= n
 
         await wait_until(lambda: lag_at_least(11), timeout=40, what="the lag to climb")
-    finally:
-        await _deny_scripts(redis_server.url, deny=False)
 
     async def no_lag() -> bool:
         return await metric(consumer.port, "gateway_consumer_lag{") == 0
