@@ -172,9 +172,7 @@ async def stream_endpoint(scope: dict[str, Any], receive: Receive, send: Send, *
         await _respond(send, refusal.status, body, "application/json", cors_headers)
         return
     except _RetryLater:
-        logger.warning("event store unavailable; asking the client to retry", exc_info=True)
-        body = sse.retry(settings.EVENTS_RETRY_MS) + b": temporarily unavailable\n\n"
-        await _respond(send, 200, body, "text/event-stream; charset=utf-8", {**cors_headers, **_SSE_HEADERS})
+        await _ask_to_retry(send, cors_headers, "a backend (Redis, the database, the JWKS endpoint) is unavailable")
         return
     await _serve(stream, receive, send, cors_headers)
 
@@ -246,9 +244,7 @@ async def _serve(stream: Stream, receive: Receive, send: Send, cors: dict[str, s
         try:
             first = await anext(body)
         except (aioredis.RedisError, OSError):
-            logger.warning("event store unavailable while opening a stream; asking the client to retry", exc_info=True)
-            retry = sse.retry(settings.EVENTS_RETRY_MS) + b": temporarily unavailable\n\n"
-            await _respond(send, 200, retry, "text/event-stream; charset=utf-8", {**cors, **_SSE_HEADERS})
+            await _ask_to_retry(send, cors, "the event store is unavailable while the stream opens")
             return
         await send({"type": "http.response.start", "status": 200, "headers": _encode(headers)})
         await send({"type": "http.response.body", "body": first, "more_body": True})
@@ -269,6 +265,14 @@ async def _watch_disconnect(stream: Stream, receive: Receive) -> None:
         if message["type"] == "http.disconnect":
             stream.close(CloseReason.CLIENT_GONE)
             return
+
+
+async def _ask_to_retry(send: Send, cors: dict[str, str], why: str) -> None:
+    """A transient fault: not a 5xx, which would stop EventSource for good, but a stream that says `retry:`
+    and ends."""
+    logger.warning("%s; asking the client to retry", why, exc_info=True)
+    body = sse.retry(settings.EVENTS_RETRY_MS) + b": temporarily unavailable\n\n"
+    await _respond(send, 200, body, "text/event-stream; charset=utf-8", {**cors, **_SSE_HEADERS})
 
 
 async def _respond(send: Send, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
