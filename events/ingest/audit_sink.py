@@ -107,8 +107,7 @@ class AuditSink:
                 )
                 await self._set_aside(entry_id, raw, "refused")
                 continue
-            await self.redis.xack(routing.AUDIT_STREAM, SINK_GROUP, entry_id)
-            await self.redis.xdel(routing.AUDIT_STREAM, entry_id)
+            await self._remove(entry_id)
             metrics.AUDIT_BATCH_SECONDS.observe(time.perf_counter() - started)
             self.figures.add(batches=1, rows=len(batch.deliveries) + len(batch.broadcasts))
         return len(entries)
@@ -116,6 +115,10 @@ class AuditSink:
     async def _set_aside(self, entry_id: Any, raw: bytes, why: str) -> None:
         self.figures.add(set_aside=1)
         await self.redis.xadd(SET_ASIDE_STREAM, {"b": raw, "why": why}, maxlen=SET_ASIDE_MAX, approximate=True)
+        await self._remove(entry_id)
+
+    async def _remove(self, entry_id: Any) -> None:
+        """The batch is written or set aside: acknowledge it and drop it from the audit stream."""
         await self.redis.xack(routing.AUDIT_STREAM, SINK_GROUP, entry_id)
         await self.redis.xdel(routing.AUDIT_STREAM, entry_id)
 
