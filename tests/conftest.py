@@ -15,7 +15,7 @@ import pytest_asyncio
 from django.db import connection
 from playwright.async_api import Browser, async_playwright
 
-from scripts.embedded import KafkaBroker, RedisServer
+from scripts.embedded import KafkaBroker, RedisClusterServers, RedisServer
 from tests.harness import Gateway, Layout, database_url, deployed, running
 
 
@@ -90,3 +90,10 @@ async def browser() -> AsyncIterator[Browser]:
             yield chromium
         finally:
             await chromium.close()
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of three masters of the test's own."""
+    with RedisClusterServers(3) as cluster:
+        yield cluster

@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from django.db import models
 
-from events.core import routing
+from events.core import positions, routing
 from events.core.audit import AuditBatch, BroadcastRow, DeliveryRow, StreamRow
 from events.core.envelope import Event
 from events.core.records import Record, StoredEvent
@@ -70,12 +70,28 @@ async def test_what_the_script_stores_reads_back_field_for_field(store: EventSto
     assert {k: v for k, v in entry.items() if k != "received_at"} == expected
     assert abs(int(entry["received_at"]) - time.time() * 1000) < 60_000
 
+    place = positions.parse_redis_id(event_id)
+    assert place is not None
     stored = StoredEvent(
-        event_id, "message", "Progress", "ana", "pi-1", False, event.data_json, 1_700_000_000_123, "engine", 3, 41
+        event_id,
+        "message",
+        "Progress",
+        "ana",
+        "pi-1",
+        False,
+        event.data_json,
+        1_700_000_000_123,
+        "engine",
+        3,
+        41,
+        shard=0,
+        place=place,
     )
     assert (await store.read_all("0-0")).events == [stored]
     # The per-source entry (packed by the client) reads back as the same event.
-    assert await store.replay(sources=[routing.process_source("pi-1")], after="0-0", until=event_id) == [stored]
+    source = store.keys.process_source("pi-1")
+    assert source.key == routing.process_source("pi-1")
+    assert await store.replay(sources=[source], after=(positions.ZERO,), until=(place,)) == [stored]
     # The record's partition offset moved in the same step.
     assert await store.stored_offsets([("engine", 3)]) == {("engine", 3): 41}
 

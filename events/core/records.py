@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import msgpack
 from django.db.models import TextChoices
 
+from events.core import positions
 from events.core.envelope import Event
 
 
@@ -27,7 +28,8 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
-    """An accepted event as the store holds it, with its store id."""
+    """An accepted event as the store holds it, with its id (events.core.positions: the Redis id, qualified
+    by its shard on a cluster), its shard and its place in that shard."""
 
     id: str
     type: str
@@ -40,12 +42,17 @@ class StoredEvent:
     kafka_topic: str
     kafka_partition: int
     kafka_offset: int
+    shard: int = 0
+    place: tuple[int, int] = (0, 0)  # (ms, seq) of its Redis id in its shard
 
     @classmethod
-    def from_fields(cls, entry_id: str, fields: dict[str, str]) -> StoredEvent:
-        """From an entry of the global stream (field names: events.core.store.GLOBAL_FIELDS)."""
+    def from_fields(cls, entry_id: str, fields: dict[str, str], *, shard: int = 0, shards: int = 1) -> StoredEvent:
+        """From an entry of a shard's stream of every event (field names: events.core.store.GLOBAL_FIELDS)."""
+        place = positions.parse_redis_id(entry_id)
+        if place is None:
+            raise ValueError(f"not a stream id: {entry_id!r}")
         return cls(
-            id=entry_id,
+            id=positions.event_id(shard, entry_id, shards),
             type=fields["type"],
             event=fields["event"],
             user=fields["user"] or None,
@@ -56,6 +63,8 @@ class StoredEvent:
             kafka_topic=fields.get("kafka_topic", ""),
             kafka_partition=int(fields.get("kafka_partition") or -1),
             kafka_offset=int(fields.get("kafka_offset") or -1),
+            shard=shard,
+            place=place,
         )
 
     @staticmethod
@@ -78,8 +87,14 @@ class StoredEvent:
         )
 
     @classmethod
-    def from_packed(cls, entry_id: str, packed: bytes) -> StoredEvent:
-        return cls(entry_id, *msgpack.unpackb(packed))
+    def from_packed(cls, entry_id: str, packed: bytes, *, shard: int = 0, shards: int = 1) -> StoredEvent:
+        place = positions.parse_redis_id(entry_id)
+        if place is None:
+            raise ValueError(f"not a stream id: {entry_id!r}")
+        fields = msgpack.unpackb(packed)
+        if not isinstance(fields, list) or len(fields) != 10:
+            raise ValueError("not a packed event")
+        return cls(positions.event_id(shard, entry_id, shards), *fields, shard, place)  # type: ignore[call-arg]
 
 
 class CloseReason(TextChoices):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import zlib
+from dataclasses import dataclass
+
 PREFIX = "events-gateway"
 EVENTS_STREAM = f"{PREFIX}:events"  # the contract's stream of every accepted event
 LAST_ID_KEY = f"{PREFIX}:last-id"
@@ -27,6 +30,76 @@ def dedup_key(producer_id: str) -> str:
 
 def offset_key(topic: str, partition: int) -> str:
     return f"{PREFIX}:kafka:{topic}:{partition}"
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    """Where a store of `shards` shards keeps its keys. On a single Redis (one shard, `cluster` false) they
+    are the names above, the contract's `events-gateway:events` among them. On a Redis Cluster every key of
+    shard k carries the hash tag `{events-gateway:k}`, so each atomic step (one shard's append script, with
+    its per-source streams, dedup keys, offsets and live channels) touches one hash slot."""
+
+    shards: int = 1
+    cluster: bool = False
+
+    def _tag(self, shard: int) -> str:
+        return f"{{{PREFIX}:{shard}}}" if self.cluster else PREFIX
+
+    def events_stream(self, shard: int) -> str:
+        """Every event of the shard (on a single Redis: the contract's stream of every accepted event)."""
+        return f"{self._tag(shard)}:events" if self.cluster else EVENTS_STREAM
+
+    def last_id_key(self, shard: int) -> str:
+        return f"{self._tag(shard)}:last-id" if self.cluster else LAST_ID_KEY
+
+    def shard_of(self, name: str) -> int:
+        """The shard of a source (or of a key an event without a source is filed under)."""
+        return zlib.crc32(name.encode("utf-8", "surrogatepass")) % self.shards if self.shards > 1 else 0
+
+    def source(self, kind: str, name: str) -> Source:
+        """A per-source stream: kind `u` (a user), `p` (a process instance) or `b` (broadcasts). Its key
+        is also the channel its live events are published on."""
+        shard = self.shard_of(f"{kind}:{name}")
+        key = f"{self._tag(shard)}:src:{kind}:{name}" if name or kind != "b" else f"{self._tag(shard)}:src:b"
+        return Source(key, shard)
+
+    def user_source(self, user: str) -> Source:
+        return self.source("u", user)
+
+    def process_source(self, process_instance: str) -> Source:
+        return self.source("p", process_instance)
+
+    def broadcast_source(self) -> Source:
+        return self.source("b", "")
+
+    def dedup_key(self, shard: int, producer_id: str) -> str:
+        return f"{self._tag(shard)}:dedup:{producer_id}"
+
+    def offset_key(self, shard: int, topic: str, partition: int) -> str:
+        return f"{self._tag(shard)}:kafka:{topic}:{partition}"
+
+    def source_of(self, *, type: str, user: str | None, process_instance: str | None, broadcast: bool) -> Source | None:
+        """The one per-source stream an event is indexed in (see source_of)."""
+        if type == "connect":
+            return None
+        if process_instance is not None:
+            return self.process_source(process_instance)
+        if broadcast:
+            return self.broadcast_source()
+        if user is not None:
+            return self.user_source(user)
+        return None
+
+    def sources_for(self, *, user: str, process_instances: list[str] | set[str]) -> list[Source]:
+        """The per-source streams a stream of `user` following `process_instances` reads from."""
+        followed = [self.process_source(p) for p in sorted(process_instances)]
+        return [self.user_source(user), self.broadcast_source(), *followed]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    key: str  # the per-source stream, and the channel of its live events
+    shard: int
 
 
 def source_of(*, type: str, user: str | None, process_instance: str | None, broadcast: bool) -> str | None:

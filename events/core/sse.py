@@ -50,7 +50,16 @@ def payload(
 
 def frame(event_id: str, event: str, data: str) -> bytes:
     """One SSE event. `data` must be a single line (JSON is)."""
-    return f"id: {clean(event_id)}\nevent: {clean(event)}\ndata: {clean(data)}\n\n".encode()
+    return id_line(event_id) + body(event, data)
+
+
+def id_line(event_id: str) -> bytes:
+    return f"id: {clean(event_id)}\n".encode()
+
+
+def body(event: str, data: str) -> bytes:
+    """An SSE event without its id line (streams that share an event add their own)."""
+    return f"event: {clean(event)}\ndata: {clean(data)}\n\n".encode()
 
 
 def retry(ms: int) -> bytes:

@@ -1,35 +1,46 @@
-"""The Redis event store: append a batch atomically, replay from an id, retention.
+"""The Redis event store: append a batch atomically, publish it live, replay from a position, retention.
 
-Design (docs/event-store.md): every accepted event gets a Redis stream id `<ms>-<seq>` from one counter,
-so ids are totally ordered across all sources. It is written to the global stream `events-gateway:events`
-and to the one per-source stream it belongs to (user, broadcast or process instance) under the same id.
-A stream's single Last-Event-ID is therefore a position in every source at once: replay is one XRANGE per
-followed source after that id, merged by id. Kafka offsets are recorded in the same atomic script, so a
-record re-read after a crash is recognised and never stored twice.
+Design (docs/event-store.md): the store has one shard on a single Redis and EVENTS_STORE_SHARDS on a Redis
+Cluster (routing.Keyspace: one hash slot each). Every accepted event gets a Redis stream id `<ms>-<seq>`
+from its shard's counter, so ids are totally ordered within a shard. It is written to the shard's stream of
+every event (on a single Redis the contract's `events-gateway:events`) and to the one per-source stream it
+belongs to (user, broadcast or process instance) under the same id, and published on that source's channel
+in the same atomic step, so a web process hears exactly the sources its streams read. A stream's position
+is one id per shard (events.core.positions): replay is one XRANGE per followed source after it, merged by
+id, a page at a time. Kafka offsets are recorded in the same atomic step, so a record re-read after a crash
+is recognised and never stored twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import re
+import heapq
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgpack
-import redis.asyncio as aioredis
 
-from events.core import routing
+from events.core import positions
+from events.core.envelope import Event
+from events.core.positions import Id, Position
 from events.core.records import Record, StoredEvent
+from events.core.routing import Keyspace, Source
 
 # Records per script call: one call blocks Redis while it runs, so big batches go as several calls in
 # one pipeline and other clients (web processes reading) get their turn in between.
 APPEND_CHUNK = 500
 # Trimming is approximate (MINID ~): entries this close to the retention horizon may or may not be gone.
 TRIM_MARGIN_MS = 60_000
-# ASCII digits only: `\\d` would also take other scripts' digits, which int() reads but Redis refuses.
-ID_PATTERN = re.compile(r"^([0-9]{1,15})-([0-9]{1,15})\Z")
+# Events a replay reads per source per round trip, and hands out per page.
+REPLAY_PAGE = 200
+# Kept for callers that validate a single-Redis id: ASCII digits only (`\\d` would take other scripts' digits).
+ID_PATTERN = positions.REDIS_ID
+
+Redis = Any  # redis.asyncio.Redis or redis.asyncio.RedisCluster
 
 
 class AppendRow(NamedTuple):
@@ -128,6 +139,7 @@ for _, r in ipairs(cmsgpack.unpack(ARGV[2])) do
         if skey ~= '' then
           redis.call('XADD', skey, 'MINID', '~', minid, id, 'e', r[ROW_PACKED])
           redis.call('EXPIRE', skey, retention + 60)
+          redis.call(ARGV[3], skey, id .. ' ' .. r[ROW_PACKED])
         end
         results[#results + 1] = id
       end
@@ -145,15 +157,15 @@ return results
 _REJECTED = ("",) * 11
 
 
-def parse_id(event_id: str) -> tuple[int, int] | None:
-    match = ID_PATTERN.match(event_id)
-    return (int(match[1]), int(match[2])) if match else None
+def parse_id(event_id: str) -> Id | None:
+    """(ms, seq) of a single-Redis event id."""
+    return positions.parse_redis_id(event_id)
 
 
 @dataclass(frozen=True, slots=True)
 class ReadBatch:
-    """Entries of the global stream after a position: the events, and the ids of entries that could not be
-    read as events (written by something else, or damaged), which a reader skips and reports."""
+    """Entries of a shard's stream of every event after a position: the events, and the ids of entries that
+    could not be read as events (written by something else, or damaged), which a reader skips and reports."""
 
     events: list[StoredEvent]
     unreadable: list[tuple[str, str]]  # (entry id, why)
@@ -161,72 +173,76 @@ class ReadBatch:
     full: bool  # as many entries as asked for: more may follow
 
 
-def _read_batch(raw: Any, count: int) -> ReadBatch:
-    events: list[StoredEvent] = []
-    unreadable: list[tuple[str, str]] = []
-    last_id = None
-    for raw_id, fields in raw:
-        last_id = _text(raw_id, "replace")
-        try:
-            events.append(StoredEvent.from_fields(last_id, {_text(k): _text(v) for k, v in fields.items()}))
-        except (KeyError, ValueError, TypeError) as exc:
-            unreadable.append((last_id, f"{type(exc).__name__}: {exc}"[:200]))
-    return ReadBatch(events, unreadable, last_id, len(raw) >= count)
-
-
-def _source_entries(raw: Any) -> list[StoredEvent]:
-    """Per-source stream entries: one packed field `e` each; an unreadable one is skipped (the global
-    stream's reader reports it)."""
-    events = []
-    for entry_id, fields in raw:
-        with contextlib.suppress(KeyError, ValueError, TypeError):
-            events.append(StoredEvent.from_packed(_text(entry_id), fields[b"e"]))
-    return events
-
-
 def _text(value: bytes | str, errors: str = "strict") -> str:
     return value.decode("utf-8", errors) if isinstance(value, bytes) else value
 
 
 class EventStore:
-    """Appends and reads events in Redis; one instance per process, over one connection pool."""
+    """Appends and reads events in Redis; one instance per process, over one connection pool (a cluster
+    client on a Redis Cluster)."""
 
-    def __init__(self, client: aioredis.Redis, *, retention_seconds: int) -> None:
+    def __init__(self, client: Redis, *, retention_seconds: int, keyspace: Keyspace | None = None) -> None:
         self.redis = client
         self.retention_seconds = retention_seconds
+        self.keys = keyspace or Keyspace()
+        self.shards = self.keys.shards
         self._append = client.register_script(_APPEND_LUA)
+        self._publish = "SPUBLISH" if self.keys.cluster else "PUBLISH"
+
+    # --- writing --------------------------------------------------------------------------------------
+    def _shard_of_event(self, event: Event) -> tuple[int, Source | None]:
+        source = self.keys.source_of(
+            type=event.type, user=event.user, process_instance=event.process_instance, broadcast=event.broadcast
+        )
+        if source is not None:
+            return source.shard, source
+        return self.keys.shard_of(f"u:{event.user or ''}"), None
 
     async def stored_offsets(self, partitions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
-        """The last Kafka offset stored for each (topic, partition); -1 where none is."""
+        """The last Kafka offset stored for each (topic, partition), over every shard; -1 where none is."""
         if not partitions:
             return {}
-        values = await self.redis.mget([routing.offset_key(t, p) for t, p in partitions])
-        return {tp: int(v) if v is not None else -1 for tp, v in zip(partitions, values, strict=True)}
+        keys = [self.keys.offset_key(k, t, p) for t, p in partitions for k in range(self.shards)]
+        values = await self._get_many(keys)
+        out = {}
+        for i, tp in enumerate(partitions):
+            found = [int(v) for v in values[i * self.shards : (i + 1) * self.shards] if v is not None]
+            out[tp] = max(found, default=-1)
+        return out
 
-    async def seen_producer_ids(self, producer_ids: Sequence[str]) -> set[str]:
-        """The producer ids among `producer_ids` already stored within retention."""
-        if not producer_ids:
+    async def seen_producer_ids(self, events: Sequence[Event]) -> set[str]:
+        """The producer ids of `events` already stored within retention."""
+        ids = [(e.producer_id, self._shard_of_event(e)[0]) for e in events if e.producer_id]
+        if not ids:
             return set()
-        values = await self.redis.mget([routing.dedup_key(p) for p in producer_ids])
-        return {p for p, v in zip(producer_ids, values, strict=True) if v is not None}
+        values = await self._get_many([self.keys.dedup_key(shard, p) for p, shard in ids])
+        return {p for (p, _), v in zip(ids, values, strict=True) if v is not None}
+
+    async def _get_many(self, keys: list[str]) -> list[Any]:
+        if not self.keys.cluster:
+            return list(await self.redis.mget(keys))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.get(key)
+            return list(await pipe.execute())
 
     async def append(self, records: Sequence[Record]) -> list[str]:
-        """Store a batch; for each record its new id, '' if its offset was stored before or it was
+        """Store a batch; for each record its new event id, '' if its offset was stored before or it was
         rejected, 'dup' if its producer id was seen within retention."""
         received_ms = str(int(time.time() * 1000))
-        rows: list[AppendRow] = []
-        for record in records:
+        by_shard: dict[int, list[tuple[int, AppendRow]]] = {}
+        for index, record in enumerate(records):
             ev = record.event
             topic, partition, offset = record.topic, str(record.partition), str(record.offset)
-            offset_key = routing.offset_key(record.topic, record.partition) if record.partition >= 0 else ""
+            tracked = record.partition >= 0  # records from Kafka; admin grant changes have no offset
             if ev is None:
-                rows.append(AppendRow(topic, partition, offset, *_REJECTED, offset_key, b""))
-                continue
-            source = routing.source_of(
-                type=ev.type, user=ev.user, process_instance=ev.process_instance, broadcast=ev.broadcast
-            )
-            rows.append(
-                AppendRow(
+                shard = record.partition % self.shards if tracked else 0
+                offset_key = self.keys.offset_key(shard, record.topic, record.partition) if tracked else ""
+                row = AppendRow(topic, partition, offset, *_REJECTED, offset_key, b"")
+            else:
+                shard, source = self._shard_of_event(ev)
+                offset_key = self.keys.offset_key(shard, record.topic, record.partition) if tracked else ""
+                row = AppendRow(
                     topic=topic,
                     partition=partition,
                     offset=offset,
@@ -239,73 +255,191 @@ class EventStore:
                     data=ev.data_json,
                     published_at=str(record.timestamp_ms),
                     received_at=received_ms,
-                    source_key=source or "",
-                    dedup_key=routing.dedup_key(ev.producer_id) if ev.producer_id else "",
+                    source_key=source.key if source is not None else "",
+                    dedup_key=self.keys.dedup_key(shard, ev.producer_id) if ev.producer_id else "",
                     offset_key=offset_key,
                     packed=StoredEvent.pack(ev, record),
                 )
-            )
-        chunks = [
-            [self.retention_seconds, msgpack.packb(rows[i : i + APPEND_CHUNK], use_bin_type=False)]
-            for i in range(0, len(rows), APPEND_CHUNK)
-        ]
-        keys = [routing.EVENTS_STREAM, routing.LAST_ID_KEY]
-        if len(chunks) == 1:
-            results = [await self._append(keys=keys, args=chunks[0])]
-        else:
+            by_shard.setdefault(shard, []).append((index, row))
+        calls: list[tuple[int, list[int], list[Any]]] = []
+        for shard, rows in by_shard.items():
+            for i in range(0, len(rows), APPEND_CHUNK):
+                chunk = rows[i : i + APPEND_CHUNK]
+                packed = msgpack.packb([row for _, row in chunk], use_bin_type=False)
+                calls.append((shard, [index for index, _ in chunk], [self.retention_seconds, packed, self._publish]))
+        if len(calls) == 1:
+            shard, _, args = calls[0]
+            results = [await self._append(keys=self._append_keys(shard), args=args)]
+        elif not self.keys.cluster:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for chunk in chunks:
-                    await self._append(keys=keys, args=chunk, client=pipe)
+                for shard, _, args in calls:
+                    await self._append(keys=self._append_keys(shard), args=args, client=pipe)
                 results = await pipe.execute()
-        return [_text(r) for result in results for r in result]
+        else:
+            # A cluster pipeline cannot carry scripts: shards in parallel, each shard's chunks in order.
+            results = [None] * len(calls)
+
+            async def run_shard(shard: int) -> None:
+                for i, (call_shard, _, args) in enumerate(calls):
+                    if call_shard == shard:
+                        results[i] = await self._append(keys=self._append_keys(shard), args=args)
+
+            await asyncio.gather(*(run_shard(shard) for shard in by_shard))
+        out = [""] * len(records)
+        for (shard, indexes, _), result in zip(calls, results, strict=True):
+            for index, value in zip(indexes, result, strict=True):
+                text = _text(value)
+                out[index] = positions.event_id(shard, text, self.shards) if text not in ("", "dup") else text
+        return out
+
+    def _append_keys(self, shard: int) -> list[str]:
+        return [self.keys.events_stream(shard), self.keys.last_id_key(shard)]
+
+    # --- positions ----------------------------------------------------------------------------------
+    async def heads(self) -> Position:
+        """Every shard's last id: a stream at this position has been offered everything stored so far."""
+        values = await self._get_many([self.keys.last_id_key(k) for k in range(self.shards)])
+        return tuple((positions.parse_redis_id(_text(v)) if v is not None else None) or positions.ZERO for v in values)
 
     async def last_id(self) -> str:
-        value = await self.redis.get(routing.LAST_ID_KEY)
-        return _text(value) if value is not None else "0-0"
+        """The single shard's last id (0-0 on an empty store); on a cluster, the encoded heads."""
+        return positions.encode(await self.heads())
 
+    async def oldest_ms(self) -> int | None:
+        """The time of the oldest event still held (None: none is)."""
+        times = []
+        for shard in range(self.shards):
+            oldest: Any = await self.redis.xrange(self.keys.events_stream(shard), count=1)
+            if oldest:
+                place = positions.parse_redis_id(_text(oldest[0][0]))
+                if place is not None:
+                    times.append(place[0])
+        return min(times, default=None)
+
+    async def resume_problem(self, position: Position) -> str | None:
+        """Why a stream cannot resume from `position` (None: everything after it is still held).
+
+        `not-yet-issued`: past what this store has reached. `expired`: older than retention, and events after
+        it may have been trimmed. (0, 0) is the position of a stream opened on an empty shard: resumable while
+        nothing after it has been trimmed (the oldest entry held is well inside the retention window).
+        """
+        heads = await self.heads()
+        if not positions.covers(heads, position):
+            return "not-yet-issued"
+        horizon_ms = (time.time() - self.retention_seconds) * 1000
+        for shard, place in enumerate(position):
+            if place[0] >= horizon_ms:
+                continue
+            oldest: Any = await self.redis.xrange(self.keys.events_stream(shard), count=1)
+            if not oldest:
+                continue  # nothing held: nothing after the position can be missing... unless trimmed away
+            first = positions.parse_redis_id(_text(oldest[0][0])) or positions.ZERO
+            if first <= place:
+                continue  # trimming removes a prefix: nothing after the position is gone
+            if first[0] > horizon_ms + TRIM_MARGIN_MS and place == positions.ZERO:
+                continue
+            return "expired"
+        return None
+
+    # --- reading ------------------------------------------------------------------------------------
     async def entry(self, event_id: str) -> dict[str, str] | None:
-        """The global stream's entry for `event_id`, field by field (GLOBAL_FIELDS and `event_id`), as
-        text; None once retention dropped it."""
-        if parse_id(event_id) is None:
+        """The shard stream's entry for `event_id`, field by field (GLOBAL_FIELDS and `event_id`), as
+        text; None once retention dropped it, or for an id this store did not issue."""
+        parsed = positions.parse_event_id(event_id, self.shards)
+        if parsed is None:
             return None
-        found: Any = await self.redis.xrange(routing.EVENTS_STREAM, min=event_id, max=event_id, count=1)
+        shard, place = parsed
+        rid = positions.redis_id(place)
+        found: Any = await self.redis.xrange(self.keys.events_stream(shard), min=rid, max=rid, count=1)
         if not found:
             return None
         return {_text(k, "replace"): _text(v, "replace") for k, v in (found[0][1] or {}).items()}
 
-    async def read_all(self, after: str, count: int = 1000) -> ReadBatch:
-        """Up to `count` entries of every source after `after`, oldest first (what web processes fan out)."""
-        return _read_batch(await self.redis.xrange(routing.EVENTS_STREAM, min=f"({after}", count=count), count)
-
-    async def is_resumable(self, event_id: str) -> bool:
-        """Whether everything after position `event_id` is still held: a position this store has reached
-        (not past its last id) and not older than retention (trimming only removes older entries).
-
-        `0-0` is the position of a stream opened on an empty store: resumable while nothing has been
-        trimmed yet (the oldest entry is well inside the retention window).
-        """
-        parsed = parse_id(event_id)
-        last = parse_id(await self.last_id())
-        if parsed is None or last is None or parsed > last:
-            return False
-        horizon_ms = (time.time() - self.retention_seconds) * 1000
-        if parsed == (0, 0):
-            oldest: Any = await self.redis.xrange(routing.EVENTS_STREAM, count=1)
-            return not oldest or (parse_id(_text(oldest[0][0])) or (0, 0))[0] > horizon_ms + TRIM_MARGIN_MS
-        return parsed[0] >= horizon_ms
-
-    async def replay(self, *, sources: Sequence[str], after: str, until: str) -> list[StoredEvent]:
-        """Events in `sources` with after < id <= until, in id order; cost follows what is returned."""
-        if parse_id(until) is not None and parse_id(after) is not None and parse_id(until) <= parse_id(after):  # type: ignore[operator]
-            return []
+    async def read_all(self, after: str, count: int = 1000, *, shard: int = 0) -> ReadBatch:
+        """Up to `count` entries of every source of `shard` after `after`, oldest first."""
+        raw: Any = await self.redis.xrange(self.keys.events_stream(shard), min=f"({after}", count=count)
         events: list[StoredEvent] = []
-        for source in sources:
-            start = f"({after}"
-            while True:
-                batch: list[Any] = await self.redis.xrange(source, min=start, max=until, count=1000) or []
-                events += _source_entries(batch)
-                if len(batch) < 1000:
-                    break
-                start = f"({_text(batch[-1][0])}"
-        events.sort(key=lambda e: parse_id(e.id) or (0, 0))
-        return events
+        unreadable: list[tuple[str, str]] = []
+        last_id = None
+        for raw_id, fields in raw:
+            last_id = _text(raw_id, "replace")
+            try:
+                decoded = {_text(k): _text(v) for k, v in fields.items()}
+                events.append(StoredEvent.from_fields(last_id, decoded, shard=shard, shards=self.shards))
+            except (KeyError, ValueError, TypeError) as exc:
+                unreadable.append((last_id, f"{type(exc).__name__}: {exc}"[:200]))
+        return ReadBatch(events, unreadable, last_id, len(raw) >= count)
+
+    def decode_live(self, source: Source, message: bytes) -> StoredEvent | None:
+        """An event published on a source's channel (`<id> <packed>`); None if it cannot be read."""
+        rid, _, packed = message.partition(b" ")
+        with contextlib.suppress(KeyError, ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException):
+            return StoredEvent.from_packed(rid.decode("ascii"), packed, shard=source.shard, shards=self.shards)
+        return None
+
+    async def replay(self, *, sources: Sequence[Source], after: Position, until: Position) -> list[StoredEvent]:
+        """Every event in `sources` after `after` up to `until` (shard by shard), in id order, in one list.
+        For tools and tests; streams use replay_pages."""
+        out: list[StoredEvent] = []
+        async for page in self.replay_pages(sources=sources, after=after, until=until):
+            out += page
+        return out
+
+    async def replay_pages(
+        self, *, sources: Sequence[Source], after: Position, until: Position, page: int = REPLAY_PAGE
+    ) -> AsyncIterator[list[StoredEvent]]:
+        """The events in `sources` after `after` up to `until`, in id order, a page at a time: memory stays
+        at about one page per source whatever the length of the replay."""
+        replay = _Replay(self, sources, after, until, page)
+        while page_out := await replay.next_page():
+            yield page_out
+
+
+class _Replay:
+    """A merge by id of several per-source streams, read a page per source at a time."""
+
+    def __init__(self, store: EventStore, sources: Sequence[Source], after: Position, until: Position, page: int):
+        self.store = store
+        self.until = until
+        self.page = page
+        self.cursors = {s: after[s.shard] for s in sources if until[s.shard] > after[s.shard]}
+        self.buffers: dict[Source, deque[StoredEvent]] = {s: deque() for s in self.cursors}
+        self.open = set(self.cursors)  # sources that may hold more than their buffer
+
+    async def next_page(self) -> list[StoredEvent]:
+        while refill := [s for s in self.open if not self.buffers[s]]:
+            await self._fill(refill)
+        out: list[StoredEvent] = []
+        heap = [(b[0].place, b[0].shard, i, s) for i, (s, b) in enumerate(self.buffers.items()) if b]
+        heapq.heapify(heap)
+        while heap and len(out) < self.page:
+            _, _, i, source = heapq.heappop(heap)
+            buffer = self.buffers[source]
+            out.append(buffer.popleft())
+            if buffer:
+                heapq.heappush(heap, (buffer[0].place, buffer[0].shard, i, source))
+            elif source in self.open:
+                break  # its next page may hold the next event in order: read it first
+        return out
+
+    async def _fill(self, sources: list[Source]) -> None:
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            for source in sources:
+                pipe.xrange(
+                    source.key,
+                    min=f"({positions.redis_id(self.cursors[source])}",
+                    max=positions.redis_id(self.until[source.shard]),
+                    count=self.page,
+                )
+            results = await pipe.execute()
+        shards = self.store.shards
+        for source, found in zip(sources, results, strict=True):
+            entries = found or []
+            if len(entries) < self.page:
+                self.open.discard(source)
+            for entry_id, fields in entries:
+                rid = _text(entry_id)
+                self.cursors[source] = positions.parse_redis_id(rid) or self.cursors[source]
+                with contextlib.suppress(KeyError, ValueError, TypeError):
+                    event = StoredEvent.from_packed(rid, fields[b"e"], shard=source.shard, shards=shards)
+                    self.buffers[source].append(event)

@@ -16,8 +16,11 @@ import functools
 import ipaddress
 import json
 import logging
+import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -70,7 +73,11 @@ class _RetryLater(Exception):
 
 
 # Parameters that may appear once; a repeat is refused rather than guessed at.
-SINGLE_PARAMETERS = ("lastEventId", "ticket")
+SINGLE_PARAMETERS = ("lastEventId", "ticket", "since")
+# Stream ids are under 1 KB (one position per store shard); anything longer was not issued here.
+MAX_ID_LENGTH = 1024
+# Clocks differ a little: a `since` up to this far ahead is taken as now.
+SINCE_FUTURE_MS = 60_000
 # Headers that may appear once (Cookie may be split in several; they are joined as browsers mean them).
 SINGLE_HEADERS = ("authorization", "last-event-id", "host")
 MAX_PARAMETER_LENGTH = 1024
@@ -197,8 +204,11 @@ async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
         raise Refused(400, "processInstanceUuid must match ^[A-Za-z0-9_.:-]{1,128}$")
     process_instances = list(dict.fromkeys(process_instances))
     last_event_id = (request.headers.get("last-event-id") or request.param("lastEventId") or "").strip() or None
-    if last_event_id is not None and len(last_event_id) > 64:
+    if last_event_id is not None and len(last_event_id) > MAX_ID_LENGTH:
         raise Refused(400, "Last-Event-ID is too long to be an id this gateway issued")
+    since_ms = _since(request.param("since"))
+    if since_ms is not None and last_event_id is not None:
+        raise Refused(400, "give either Last-Event-ID or since, not both")
 
     try:
         hub = await get_hub()
@@ -233,7 +243,28 @@ async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
         user_agent=audit_text(request.headers.get("user-agent", ""), 512),
         write_buffer=probe.buffered if probe else None,
         abort=probe.abort if probe else None,
+        since_ms=since_ms,
     )
+
+
+def _since(value: str | None) -> int | None:
+    """`since` as epoch milliseconds: digits (epoch ms) or an ISO 8601 time with a zone (Z or an offset)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if re.fullmatch(r"[0-9]{1,15}", text):
+        ms = int(text)
+    else:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise Refused(400, "since must be epoch milliseconds or an ISO 8601 time") from None
+        if moment.tzinfo is None:
+            raise Refused(400, "since needs a time zone (for example 2026-11-30T10:00:00Z)")
+        ms = int(moment.timestamp() * 1000)
+    if ms > time.time() * 1000 + SINCE_FUTURE_MS:
+        raise Refused(400, "since is in the future")
+    return max(ms, 0)
 
 
 async def _serve(stream: Stream, receive: Receive, send: Send, cors: dict[str, str]) -> None:

@@ -1,10 +1,9 @@
-"""One per web process: reads new events from the store in id order and hands each to its streams.
+"""One per web process: the registry of its streams, the live feed of their sources, slots, ticks, audits.
 
-The consumer announces on the channel layer (group ANNOUNCE_GROUP) that events are durable; the hub then
-reads the global stream after the last id it fanned out. The announcement carries no event, so a dropped
-or missing announcement (channels_redis drops on full channels; a consumer can die between storing and
-announcing) costs latency, never an event: the hub also polls every POLL_SECONDS. Reading one totally
-ordered stream means every stream sees its events in id order, whichever consumer stored them.
+Events reach a web process through the live feed (events.delivery.feed), which subscribes to exactly the
+sources the registry (events.delivery.registry) says its streams read; each live event goes to the streams
+reading its source, and each stream decides what it may see (events.delivery.stream). The hub owns those
+pieces and their tasks; a stream talks to the hub only through attach, detach, unfollow and feed_head.
 """
 
 from __future__ import annotations
@@ -13,35 +12,33 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
-from channels.layers import get_channel_layer
 from django.conf import settings
 
-from events.core import routing, sse
+from events.core import backends, positions, routing
 from events.core.instance import INSTANCE
 from events.core.records import CloseReason, StoredEvent
+from events.core.routing import Source
 from events.core.store import EventStore
 from events.delivery.audit_writer import AuditWriter
+from events.delivery.feed import Feed
+from events.delivery.registry import Registry
+from events.delivery.stream import Stream, render
 from events.ops import metrics
 from events.ops.supervise import Supervisor, failed
 
-if TYPE_CHECKING:
-    from events.delivery.stream import Stream
-
 logger = logging.getLogger(__name__)
 
-# Without announcements (channel layer down, consumer crashed mid-batch) events still arrive within this.
-POLL_SECONDS = 1.0
 # The ticker drives heartbeats, token expiry and the cross-process stream count.
 TICK_SECONDS = 1.0
 # Open-stream slots of a process that died expire after this; refreshed every tick-set.
 SLOT_TTL_SECONDS = 60
 # On shutdown, releasing the open streams' slots in Redis may take this long before it is given up.
 SLOT_RELEASE_SECONDS = 2.0
+# A stream whose sources' subscriptions are not confirmed within this is answered with a retry.
+ATTACH_SECONDS = 10.0
 
 _CLAIM_LUA = """
 local now = tonumber(ARGV[1])
@@ -55,40 +52,53 @@ return 1
 
 class Hub:
     def __init__(self) -> None:
-        self.redis = aioredis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
-        self.store = EventStore(self.redis, retention_seconds=settings.EVENTS_RETENTION_SECONDS)
+        self.redis = backends.redis_client(timeout=5, connect_timeout=2)
+        self.store = EventStore(
+            self.redis, retention_seconds=settings.EVENTS_RETENTION_SECONDS, keyspace=backends.keyspace()
+        )
         self.audit = AuditWriter(self.redis, INSTANCE)
-        self.frontier = "0-0"
-        self.streams: set[Stream] = set()
-        self._by_user: defaultdict[str, set[Stream]] = defaultdict(set)
-        self._by_process: defaultdict[str, set[Stream]] = defaultdict(set)
-        self._wake = asyncio.Event()
+        self.registry = Registry(on_first=self._first_reader, on_last=self._last_reader)
+        self.feed = Feed(
+            store=self.store,
+            nodes=backends.channel_nodes(self.redis),
+            sharded=self.store.keys.cluster,
+            dispatch=self._dispatch,
+            on_gap=self._gap,
+        )
         self._drained = asyncio.Event()  # set whenever the last stream leaves
         self._tasks: list[asyncio.Task[None]] = []  # slot releases in flight
         self._supervisor = Supervisor()
         self._claim = self.redis.register_script(_CLAIM_LUA)
-        self.healthy = False
+
+    @property
+    def streams(self) -> list[Stream]:
+        return self.registry.readers()  # type: ignore[return-value]
+
+    @property
+    def healthy(self) -> bool:
+        """The live feed is connected (streams get events as they are stored)."""
+        return self.feed.connected()
 
     async def start(self) -> None:
-        self.frontier = await self.store.last_id()
-        self.healthy = True
+        if self.store.keys.cluster:
+            await self.redis.initialize()  # the slot map, which the feed needs to find a channel's node
+        self.feed.head = list(await self.store.heads())
         self.audit.start()
-        self._supervisor.start("hub-read", self._read)
-        self._supervisor.start("hub-listen", self._listen)
         self._supervisor.start("hub-tick", self._tick)
 
     def alive(self) -> dict[str, bool]:
-        """Readiness: the hub's tasks and the audit writer are running."""
-        return {**self._supervisor.alive(), "audit-writer": self.audit.alive()}
+        """Readiness: the hub's tasks, the live feed and the audit writer are running."""
+        return {**self._supervisor.alive(), "hub-feed": self.feed.alive(), "audit-writer": self.audit.alive()}
 
     async def stop(self, grace: float = 5.0) -> None:
         """Close every stream with a final retry, flush audits, release connections. Idempotent."""
-        for stream in list(self.streams):
+        for stream in self.streams:
             stream.close(CloseReason.SHUTDOWN)
-        if self.streams:
+        if len(self.registry):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), grace)
         await self._supervisor.stop()
+        await self.feed.stop()
         # Let the streams' slot releases finish (a user's tabs reconnect to another process at once and must
         # not find their old slots taken); only what is still stuck after a moment is cancelled.
         tasks, self._tasks = self._tasks, []
@@ -110,36 +120,33 @@ class Hub:
             )
         )
 
-    def register(self, stream: Stream) -> str:
-        """Start handing events to `stream`; returns the id after which they start."""
-        self.streams.add(stream)
+    async def attach(self, stream: Stream) -> None:
+        """Hand `stream` the live events of its sources from now on; return once their subscriptions are
+        confirmed (so that what the store holds at that moment plus what the feed hands out is everything).
+        Raises TimeoutError if the feed cannot confirm them (Redis unreachable)."""
+        self.registry.add(stream)
         self._drained.clear()
-        self._by_user[stream.user].add(stream)
-        for process_instance in stream.followed:
-            self._by_process[process_instance].add(stream)
-        return self.frontier
+        try:
+            await asyncio.wait_for(self.feed.ready(stream.sources), ATTACH_SECONDS)
+        except BaseException:
+            self.registry.remove(stream)
+            raise
 
-    def unfollow(self, stream: Stream, process_instance: str) -> None:
-        members = self._by_process.get(process_instance)
-        if members is not None:
-            members.discard(stream)
-            if not members:
-                del self._by_process[process_instance]
+    def unfollow(self, stream: Stream, source: Source) -> None:
+        """`stream` stopped following a process instance (a disconnect)."""
+        self.registry.drop_source(stream, source)
 
-    def unregister(self, stream: Stream) -> None:
-        self.streams.discard(stream)
-        if not self.streams:
+    def detach(self, stream: Stream) -> None:
+        self.registry.remove(stream)
+        if not len(self.registry):
             self._drained.set()
-        members = self._by_user.get(stream.user)
-        if members is not None:
-            members.discard(stream)
-            if not members:
-                del self._by_user[stream.user]
-        for process_instance in list(stream.followed):
-            self.unfollow(stream, process_instance)
         task = asyncio.get_running_loop().create_task(self._release_slot(stream))
         self._tasks.append(task)
         task.add_done_callback(self._forget)
+
+    def feed_head(self) -> positions.Position:
+        """Per shard, the last id the feed handed out: a stream that drops its window catches up to it."""
+        return tuple(self.feed.head)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         if task in self._tasks:
@@ -149,77 +156,30 @@ class Hub:
         with contextlib.suppress(aioredis.RedisError):  # the slot expires by itself
             await self.redis.zrem(routing.STREAMS_OF_USER_PREFIX + stream.user, stream.id)
 
-    # --- fan-out ---------------------------------------------------------------------------------------
-    def fan_out(self, event: StoredEvent) -> None:
-        if event.type == "connect":
-            return
-        if event.type == "disconnect":
-            assert event.process_instance is not None
-            for stream in list(self._by_process.get(event.process_instance, ())):
-                if stream.user == event.user:
-                    stream.push_unsubscribe(event)
-            return
-        if event.broadcast:
-            targets: set[Stream] | list[Stream] = self.streams
-        elif event.process_instance is not None:
-            targets = self._by_process.get(event.process_instance, set())
-            if event.user is not None:
-                targets = [s for s in targets if s.user == event.user]
-        else:
-            targets = self._by_user.get(event.user or "", set())
-        if not targets:
-            return
-        frame = sse.frame(event.id, event.event, render(event))
-        for stream in targets:
-            stream.push(event, frame)
-        if event.broadcast:
-            self.audit.broadcast(event, len(targets), time.time())
+    # --- the feed ------------------------------------------------------------------------------------------
+    def _first_reader(self, source: Source) -> None:
+        self.feed.want(source)
+        metrics.LIVE_SOURCES.inc()
 
-    async def _read(self) -> None:
-        """Fan out every entry after the frontier, in id order. An entry that cannot be read or handed out
-        is logged with its id, counted and skipped: the frontier always moves past it."""
-        delay = 0.2
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-            self._wake.clear()
-            try:
-                while True:
-                    batch = await self.store.read_all(self.frontier)
-                    for entry_id, why in batch.unreadable:
-                        metrics.TASK_FAILURES.labels("hub-read").inc()
-                        logger.error("skipping an unreadable stored event", extra={"event_id": entry_id, "why": why})
-                    for event in batch.events:
-                        try:
-                            self.fan_out(event)
-                        except Exception:  # noqa: BLE001 - one event must not stop delivery to everyone
-                            failed("hub-read", "could not hand out a stored event; skipped", event_id=event.id)
-                    if batch.last_id is not None:
-                        self.frontier = batch.last_id
-                    if not batch.full:
-                        break
-                self.healthy, delay = True, 0.2
-            except (aioredis.RedisError, OSError):
-                if self.healthy:
-                    logger.exception("cannot read the event store; streams wait and catch up when it returns")
-                self.healthy = False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    def _last_reader(self, source: Source) -> None:
+        self.feed.unwant(source)
+        metrics.LIVE_SOURCES.dec()
 
-    async def _listen(self) -> None:
-        layer = get_channel_layer()
-        while True:
-            try:
-                channel = await layer.new_channel()
-                await layer.group_add(routing.ANNOUNCE_GROUP, channel)
-                while True:
-                    await layer.receive(channel)
-                    self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.warning("channel layer unavailable; relying on polling", exc_info=True)
-                await asyncio.sleep(2)
+    def _dispatch(self, source: Source, event: StoredEvent) -> None:
+        readers = self.registry.readers_of(source)
+        if not readers or event.type == "connect":
+            return
+        body = render(event) if event.type != "disconnect" else b""
+        live = 0
+        for stream in readers:
+            if stream.offer(event, body):  # type: ignore[attr-defined]
+                live += 1
+        if event.broadcast and live:
+            self.audit.broadcast(event, live, time.time())
+
+    def _gap(self, heads: positions.Position) -> None:
+        for stream in self.streams:
+            stream.catch_up(heads)
 
     async def _tick(self) -> None:
         refresh_every = max(1, int(SLOT_TTL_SECONDS / 3 / TICK_SECONDS))
@@ -227,13 +187,13 @@ class Hub:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             now = time.time()
-            for stream in list(self.streams):
+            for stream in self.streams:
                 try:
                     stream.tick(now)
                 except Exception:  # noqa: BLE001 - one stream must not stop the others' heartbeats
                     failed("hub-tick", "stream tick failed", stream=stream.id)
             ticks += 1
-            if ticks % refresh_every == 0 and self.streams:
+            if ticks % refresh_every == 0 and len(self.registry):
                 await self._refresh_slots(now)
 
     async def _refresh_slots(self, now: float) -> None:
@@ -246,16 +206,6 @@ class Hub:
                 await pipe.execute()
         except aioredis.RedisError:
             logger.warning("could not refresh open-stream slots", exc_info=True)
-
-
-def render(event: StoredEvent) -> str:
-    return sse.payload(
-        data_json=event.data_json,
-        process_instance=event.process_instance,
-        user=event.user,
-        broadcast=event.broadcast,
-        published_ms=event.published_ms,
-    )
 
 
 _hub: Hub | None = None

@@ -1,4 +1,4 @@
-"""The consumer service: Kafka batches -> validation -> Redis (durable) -> announcement -> commit.
+"""The consumer service: Kafka batches -> validation -> Redis (durable, published live) -> commit.
 
 Invariants:
 - An offset is committed only after every record up to it is durable in Redis (or dead-lettered).
@@ -28,11 +28,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from asgiref.sync import sync_to_async
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, close_old_connections
 
-from events.core import envelope, routing
+from events.core import backends, envelope
 from events.core.records import Record
 from events.core.store import EventStore
 from events.ingest import dead_letters
@@ -103,8 +102,10 @@ class IngestService:
         self.running = False
 
     async def start(self) -> None:
-        self.redis = aioredis.from_url(settings.REDIS_URL, socket_timeout=10, socket_connect_timeout=5)
-        self.store = EventStore(self.redis, retention_seconds=settings.EVENTS_RETENTION_SECONDS)
+        self.redis = backends.redis_client(timeout=10, connect_timeout=5)
+        self.store = EventStore(
+            self.redis, retention_seconds=settings.EVENTS_RETENTION_SECONDS, keyspace=backends.keyspace()
+        )
         self.producer = AIOKafkaProducer(**kafka_options(), acks="all", enable_idempotence=False)
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(
@@ -219,10 +220,10 @@ class IngestService:
             return _internal(exc)
 
     async def _complete(self, batch: Batch, work: _BatchWork) -> None:
-        """Make one fetched batch durable, announce it, commit its offsets."""
+        """Make one fetched batch durable (which also publishes it live), then commit its offsets."""
         started = time.perf_counter()
         try:
-            ids = await self._retrying("store", lambda: self._make_durable(work))
+            await self._retrying("store", lambda: self._make_durable(work))
         except _Stopping:
             raise
         except Exception:  # noqa: BLE001 - a record the gateway fails on must not stop the loop
@@ -231,10 +232,10 @@ class IngestService:
                 "storing a batch failed; storing its records one by one",
                 partitions=sorted(str(tp) for tp in batch),
             )
-            ids = await self._one_by_one(work)
+            await self._one_by_one(work)
         offsets = {tp: messages[-1].offset + 1 for tp, messages in batch.items() if messages}
         self._done.update(offsets)
-        await asyncio.gather(self._announce(ids), self._commit(offsets))
+        await self._commit(offsets)
         metrics.CONSUMER_BATCH_SECONDS.observe(time.perf_counter() - started)
 
     async def _one_by_one(self, work: _BatchWork) -> list[str]:
@@ -335,7 +336,7 @@ class IngestService:
         if not grants:
             return
         assert self.store is not None
-        seen = await self.store.seen_producer_ids([e.producer_id for _, e in grants if e.producer_id])
+        seen = await self.store.seen_producer_ids([e for _, e in grants])
         fresh = []
         for message, event in grants:
             if event.producer_id:
@@ -345,16 +346,6 @@ class IngestService:
             fresh.append((message, event))
         if fresh:
             await sync_to_async(_apply_grants)(fresh, received_ms)
-
-    async def _announce(self, ids: list[str]) -> None:
-        """Tell web processes new events are durable. Best effort: they also poll the store."""
-        if not ids:
-            return
-        try:
-            await get_channel_layer().group_send(routing.ANNOUNCE_GROUP, {"type": "events.stored", "last_id": ids[-1]})
-        except Exception:
-            metrics.BACKEND_ERRORS.labels("channel_layer").inc()
-            logger.warning("could not announce new events; web processes will find them by polling", exc_info=True)
 
     async def _retrying(self, what: str, attempt: Any) -> Any:
         delay = BACKOFF_FIRST

@@ -41,3 +41,7 @@ READY = Gauge(
 )
 BUILD = Info("gateway_build", "The running release and the Python and Django it runs on")
 BUILD.info({"version": VERSION, "python": platform.python_version(), "django": django.get_version()})
+STREAM_CATCH_UPS = Counter(
+    "gateway_stream_catch_ups", "Times a stream fell behind its in-memory window and caught up from the store"
+)
+LIVE_SOURCES = Gauge("gateway_live_sources", "Sources (users, process instances, broadcasts) this web process hears")

@@ -73,8 +73,9 @@ def position_parse(value: str) -> str | None:
 
 async def _held(store: EventStore, start: str) -> bool:
     """Whether everything after `start` is still held (a time position: whether it is within retention)."""
-    if parse_id(start) is not None:
-        return await store.is_resumable(start)
+    place = parse_id(start)
+    if place is not None:
+        return await store.resume_problem((place,)) is None
     return int(start.split("-", maxsplit=1)[0]) + 1 >= (time.time() - store.retention_seconds) * 1000
 
 

@@ -1,0 +1,303 @@
+"""The live feed of one web process: subscribes to exactly the sources its streams read, hands out what
+arrives, and says when continuity was lost.
+
+The store's append script publishes every event on its source's channel in the same atomic step that makes
+it durable (events.core.store). The feed keeps one subscriber connection per Redis node (one on a single
+Redis; one per master on a cluster, with sharded pub/sub) and subscribes to a source when the registry says
+a stream of this process needs it. Pub/sub carries events in id order per shard and loses nothing while the
+connection lives; what it cannot promise is handled by position, never by trust:
+
+- A stream waits until its sources' subscriptions are confirmed, then reads the store's heads: everything
+  up to them comes from the store, everything after them through the feed (events.delivery.stream).
+- A subscriber connection that fails (Redis restarted, output buffer limit, slot moved) is replaced, its
+  channels subscribed again, and every stream told to catch up from the store to the new heads (`on_gap`).
+
+`head` is, per shard, the highest id handed out so far: every event above it not yet handed out is still
+to come through the feed, which is what a stream that drops its in-memory window catches up to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from events.core import positions
+from events.core.positions import Position
+from events.core.records import StoredEvent
+from events.core.routing import Source
+from events.core.store import EventStore
+from events.ops import metrics
+from events.ops.supervise import failed
+
+logger = logging.getLogger(__name__)
+
+# A subscriber connection that failed is replaced after this (doubling up to RECONNECT_MAX_SECONDS).
+RECONNECT_SECONDS = 0.2
+RECONNECT_MAX_SECONDS = 5.0
+# Channels per SUBSCRIBE command when many streams open at once.
+SUBSCRIBE_BATCH = 1000
+
+
+class _Link:
+    """One subscriber connection to one Redis node and the channels subscribed on it."""
+
+    def __init__(self, feed: Feed, name: str, client: Any) -> None:
+        self.feed = feed
+        self.name = name
+        self.client = client
+        self.pubsub: Any = None
+        self.channels: set[str] = set()  # wanted on this node
+        self.live: set[str] = set()  # confirmed by the server, no unsubscribe sent since
+        self._outstanding: dict[str, int] = {}  # subscribe commands sent, not yet confirmed
+        self._changed = asyncio.Event()
+        self._to_subscribe: set[str] = set()
+        self._to_unsubscribe: set[str] = set()
+        self.connected = asyncio.Event()
+        self._progress = asyncio.Event()  # set on each confirmation
+
+    def want(self, channel: str) -> None:
+        self.channels.add(channel)
+        self._to_unsubscribe.discard(channel)
+        if channel not in self.live:
+            self._to_subscribe.add(channel)
+            self._changed.set()
+
+    def unwant(self, channel: str) -> None:
+        self.channels.discard(channel)
+        self._to_subscribe.discard(channel)
+        if channel in self.live or self._outstanding.get(channel):
+            self._to_unsubscribe.add(channel)
+            self._changed.set()
+
+    async def run(self) -> None:
+        """Connect, subscribe, read; on any failure start over with a new connection and report the gap."""
+        delay = RECONNECT_SECONDS
+        first = True
+        while True:
+            try:
+                await self._session(resumed=not first)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the feed must outlive any failure of its connection
+                logger.warning(
+                    "live feed connection lost; streams catch up from the store",
+                    extra={"node": self.name, "error": repr(exc)},
+                )
+                metrics.BACKEND_ERRORS.labels("redis").inc()
+            finally:
+                self.connected.clear()
+                self.live.clear()
+                self._outstanding.clear()
+                if self.pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await self.pubsub.aclose()
+                    self.pubsub = None
+            first = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+
+    async def _session(self, *, resumed: bool) -> None:
+        self.pubsub = self.client.pubsub()
+        await self.pubsub.connect()
+        self._to_subscribe = set(self.channels)
+        self._to_unsubscribe.clear()
+        await self._send()
+        loop = asyncio.get_running_loop()
+        helpers = [loop.create_task(self._sender(), name=f"feed-send:{self.name}")]
+        if resumed:
+            helpers.append(loop.create_task(self._caught_up(), name=f"feed-resume:{self.name}"))
+        else:
+            self.connected.set()
+        try:
+            await self._read()
+        finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def _caught_up(self) -> None:
+        """After a reconnect: once every wanted channel is confirmed again, streams catch up past the gap."""
+        while not self.channels <= self.live:
+            self._progress.clear()
+            await self._progress.wait()
+        await self.feed.gap()
+        self.connected.set()
+
+    async def _sender(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            await self._send()
+
+    async def _send(self) -> None:
+        subscribe, unsubscribe = self.feed.commands
+        pending = sorted(self._to_subscribe)
+        self._to_subscribe.clear()
+        for i in range(0, len(pending), SUBSCRIBE_BATCH):
+            batch = pending[i : i + SUBSCRIBE_BATCH]
+            for channel in batch:
+                self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
+            await self.pubsub.execute_command(subscribe, *batch)
+        leaving = sorted(self._to_unsubscribe)
+        self._to_unsubscribe.clear()
+        for channel in leaving:
+            self.live.discard(channel)
+        for i in range(0, len(leaving), SUBSCRIBE_BATCH):
+            await self.pubsub.execute_command(unsubscribe, *leaving[i : i + SUBSCRIBE_BATCH])
+
+    async def _read(self) -> None:
+        feed = self.feed
+        message_types = feed.message_types
+        while True:
+            response = await self.pubsub.parse_response(block=True)
+            if not isinstance(response, list) or len(response) < 3:
+                continue
+            kind = response[0]
+            if kind in message_types:
+                feed.deliver(response[1], response[2])
+            elif kind in feed.confirm_types:
+                self._confirmed(_text(response[1]))
+            elif kind in feed.unsubscribe_types:
+                channel = _text(response[1])
+                if channel in self.channels and not self._outstanding.get(channel):
+                    # Not asked for (on a cluster: its slot moved to another node): start over.
+                    raise ConnectionError(f"the server dropped the subscription to {channel}")
+
+    def _confirmed(self, channel: str) -> None:
+        left = self._outstanding.get(channel, 0) - 1
+        if left > 0:
+            self._outstanding[channel] = left
+            return
+        self._outstanding.pop(channel, None)
+        if channel in self.channels and channel not in self._to_unsubscribe:
+            self.live.add(channel)
+            self.feed.confirmed(channel)
+            self._progress.set()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+class Feed:
+    """Live events of the sources this process's streams read (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        store: EventStore,
+        nodes: Callable[[str], tuple[str, Any]],
+        sharded: bool,
+        dispatch: Callable[[Source, StoredEvent], None],
+        on_gap: Callable[[Position], None],
+    ) -> None:
+        """`nodes(channel)` names the node serving a channel and gives a client of it; `dispatch` is called
+        with each live event; `on_gap(heads)` when continuity was lost and streams must catch up."""
+        self.store = store
+        self._nodes = nodes
+        self._dispatch = dispatch
+        self._on_gap = on_gap
+        self.commands = ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
+        self.message_types = {b"smessage", "smessage"} if sharded else {b"message", "message"}
+        self.confirm_types = {b"ssubscribe", "ssubscribe"} if sharded else {b"subscribe", "subscribe"}
+        self.unsubscribe_types = {b"sunsubscribe", "sunsubscribe"} if sharded else {b"unsubscribe", "unsubscribe"}
+        self.head: list[positions.Id] = [positions.ZERO] * store.shards
+        self._sources: dict[str, Source] = {}
+        self._links: dict[str, _Link] = {}
+        self._link_of: dict[str, _Link] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.unreadable = 0
+
+    # --- subscriptions ------------------------------------------------------------------------------
+    def want(self, source: Source) -> None:
+        self._sources[source.key] = source
+        self._link(source.key).want(source.key)
+
+    def unwant(self, source: Source) -> None:
+        self._sources.pop(source.key, None)
+        link = self._link_of.pop(source.key, None)
+        if link is not None:
+            link.unwant(source.key)
+
+    def is_live(self, source: Source) -> bool:
+        link = self._link_of.get(source.key)
+        return link is not None and source.key in link.live
+
+    async def ready(self, sources: Iterable[Source]) -> None:
+        """Return once every source's subscription is confirmed (events after this come through the feed)."""
+        waiting = []
+        for source in sources:
+            if not self.is_live(source):
+                future = asyncio.get_running_loop().create_future()
+                self._waiters.setdefault(source.key, []).append(future)
+                waiting.append(future)
+        if waiting:
+            await asyncio.gather(*waiting)
+
+    def confirmed(self, channel: str) -> None:
+        for future in self._waiters.pop(channel, ()):
+            if not future.done():
+                future.set_result(None)
+
+    def _link(self, channel: str) -> _Link:
+        link = self._link_of.get(channel)
+        if link is not None:
+            return link
+        name, client = self._nodes(channel)
+        link = self._links.get(name)
+        if link is None:
+            link = self._links[name] = _Link(self, name, client)
+            self._tasks[name] = asyncio.get_running_loop().create_task(link.run(), name=f"feed:{name}")
+        self._link_of[channel] = link
+        return link
+
+    # --- events -------------------------------------------------------------------------------------
+    def deliver(self, channel: bytes | str, message: bytes) -> None:
+        source = self._sources.get(_text(channel))
+        if source is None:
+            return  # unsubscribed since it was sent
+        event = self.store.decode_live(source, message)
+        if event is None:
+            self.unreadable += 1
+            metrics.TASK_FAILURES.labels("hub-feed").inc()
+            logger.error("skipping an unreadable live event", extra={"channel": source.key})
+            return
+        self.head[event.shard] = max(self.head[event.shard], event.place)
+        try:
+            self._dispatch(source, event)
+        except Exception:  # noqa: BLE001 - one event must not stop delivery to everyone
+            failed("hub-feed", "could not hand out a live event; streams catch up from the store", event_id=event.id)
+
+    async def gap(self) -> None:
+        """Continuity was lost: every stream catches up from the store to the heads read now."""
+        heads = await self.store.heads()
+        self.head = [max(a, b) for a, b in zip(self.head, heads, strict=True)]
+        self._on_gap(heads)
+
+    def alive(self) -> bool:
+        return all(not task.done() for task in self._tasks.values())
+
+    def connected(self) -> bool:
+        return all(link.connected.is_set() for link in self._links.values())
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        for futures in self._waiters.values():
+            for future in futures:
+                future.cancel()
+        self._waiters.clear()
+
+
+def single_node(client: aioredis.Redis) -> Callable[[str], tuple[str, Any]]:
+    """Every channel on the one Redis."""
+    return lambda channel: ("redis", client)
