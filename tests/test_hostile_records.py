@@ -20,11 +20,12 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from events.core import envelope, sse
+from events.core import envelope, positions, sse
 from events.core.envelope import MAX_CLOCK_SKEW_MS, InvalidRecord, Rejection, parse, published_ms
 from events.core.records import Record
+from events.core.routing import Keyspace, Source
 from events.core.store import EventStore
-from events.delivery.hub import render
+from events.delivery.stream import render
 from scripts.embedded import RedisServer
 
 MAX_BYTES = 64 * 1024
@@ -163,10 +164,13 @@ def test_parse_store_render_never_raises_and_every_rejection_has_a_reason(
     if event.type != "message":
         return  # grants are not rendered
     assert event_id not in ("", "dup")
-    [stored] = store.run(store.store.replay(sources=_sources(event), after="0-0", until=event_id))[-1:]
+    place = positions.parse_redis_id(event_id)
+    assert place is not None
+    replayed = store.run(store.store.replay(sources=_sources(event), after=(positions.ZERO,), until=(place,)))
+    [stored] = replayed[-1:]
     assert stored.id == event_id
 
-    frame = sse.frame(stored.id, stored.event, render(stored))
+    frame = sse.id_line(stored.id) + render(stored)  # as a stream writes it
     text = frame.decode("utf-8")  # a browser decodes the stream as UTF-8
     assert text.endswith("\n\n")
     assert "\r" not in text
@@ -179,10 +183,8 @@ def test_parse_store_render_never_raises_and_every_rejection_has_a_reason(
     assert payload["data"] == json.loads(event.data_json)
 
 
-def _sources(event: envelope.Event) -> list[str]:
-    from events.core import routing  # noqa: PLC0415
-
-    source = routing.source_of(
+def _sources(event: envelope.Event) -> list[Source]:
+    source = Keyspace().source_of(
         type=event.type, user=event.user, process_instance=event.process_instance, broadcast=event.broadcast
     )
     assert source is not None

@@ -163,7 +163,7 @@ async def test_on_a_cluster_the_shards_spread_over_the_masters() -> None:
         client = RedisCluster.from_url(cluster.url)
         await client.initialize()
         keys = Keyspace(shards=16, cluster=True)
-        nodes = {client.get_node_from_key(keys.events_stream(k)).name for k in range(16)}
+        nodes = {getattr(client.get_node_from_key(keys.events_stream(k)), "name", None) for k in range(16)}
         # Every key of a shard shares its hash slot.
         for k in range(16):
             slots = {

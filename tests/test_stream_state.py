@@ -16,7 +16,7 @@ import pytest
 from events.core import positions
 from events.core.envelope import Event
 from events.core.records import CloseReason, Record
-from events.core.routing import Keyspace
+from events.core.routing import Keyspace, Source
 from events.delivery.hub import Hub
 from events.delivery.registry import Registry
 from events.delivery.stream import Stream
@@ -30,7 +30,8 @@ class _Reader:
 
 def test_the_registry_subscribes_on_the_first_reader_and_unsubscribes_after_the_last() -> None:
     keys = Keyspace()
-    first, last = [], []
+    first: list[Source] = []
+    last: list[Source] = []
     registry = Registry(on_first=first.append, on_last=last.append)
     ana, broadcast, pi = keys.user_source("ana"), keys.broadcast_source(), keys.process_source("pi-1")
     a, b = _Reader(ana, broadcast, pi), _Reader(keys.user_source("bob"), broadcast)

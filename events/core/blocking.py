@@ -11,9 +11,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import redis.asyncio as aioredis
 from django.conf import settings
 
+from events.core import backends
 from events.core.envelope import Event
 from events.core.records import Record
 from events.core.store import EventStore
@@ -24,9 +24,12 @@ T = TypeVar("T")
 
 def _with_store(action: Callable[[EventStore], Awaitable[T]], *, timeout: float) -> T:
     async def run() -> T:
-        client = aioredis.from_url(settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout)
+        client = backends.redis_client(timeout=timeout, connect_timeout=timeout)
         try:
-            return await action(EventStore(client, retention_seconds=settings.EVENTS_RETENTION_SECONDS))
+            store = EventStore(
+                client, retention_seconds=settings.EVENTS_RETENTION_SECONDS, keyspace=backends.keyspace()
+            )
+            return await action(store)
         finally:
             await client.aclose()
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from events.core import positions
 from events.core.positions import Position
@@ -85,8 +86,10 @@ class _Link:
                 raise
             except Exception as exc:  # noqa: BLE001 - the feed must outlive any failure of its connection
                 logger.warning(
-                    "live feed connection lost; streams catch up from the store",
-                    extra={"node": self.name, "error": repr(exc)},
+                    "live feed connection to %s lost (%r); streams catch up from the store",
+                    self.name,
+                    exc,
+                    extra={"node": self.name},
                 )
                 metrics.BACKEND_ERRORS.labels("redis").inc()
             finally:
@@ -138,8 +141,7 @@ class _Link:
         subscribe, unsubscribe = self.feed.commands
         pending = sorted(self._to_subscribe)
         self._to_subscribe.clear()
-        for i in range(0, len(pending), SUBSCRIBE_BATCH):
-            batch = pending[i : i + SUBSCRIBE_BATCH]
+        for batch in self.feed.batches(pending):
             for channel in batch:
                 self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
             await self.pubsub.execute_command(subscribe, *batch)
@@ -147,8 +149,8 @@ class _Link:
         self._to_unsubscribe.clear()
         for channel in leaving:
             self.live.discard(channel)
-        for i in range(0, len(leaving), SUBSCRIBE_BATCH):
-            await self.pubsub.execute_command(unsubscribe, *leaving[i : i + SUBSCRIBE_BATCH])
+        for batch in self.feed.batches(leaving):
+            await self.pubsub.execute_command(unsubscribe, *batch)
 
     async def _read(self) -> None:
         feed = self.feed
@@ -202,6 +204,7 @@ class Feed:
         self._nodes = nodes
         self._dispatch = dispatch
         self._on_gap = on_gap
+        self._sharded = sharded
         self.commands = ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
         self.message_types = {b"smessage", "smessage"} if sharded else {b"message", "message"}
         self.confirm_types = {b"ssubscribe", "ssubscribe"} if sharded else {b"subscribe", "subscribe"}
@@ -213,8 +216,18 @@ class Feed:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.unreadable = 0
+        self._heard = metrics.LIVE_EVENTS
 
     # --- subscriptions ------------------------------------------------------------------------------
+    def batches(self, channels: list[str]) -> list[list[str]]:
+        """Channels in groups one command may carry: on a cluster, one hash slot per command."""
+        if not self._sharded:
+            return [channels[i : i + SUBSCRIBE_BATCH] for i in range(0, len(channels), SUBSCRIBE_BATCH)]
+        by_slot: dict[int, list[str]] = {}
+        for channel in channels:
+            by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
+        return list(by_slot.values())
+
     def want(self, source: Source) -> None:
         self._sources[source.key] = source
         self._link(source.key).want(source.key)
@@ -262,6 +275,7 @@ class Feed:
         source = self._sources.get(_text(channel))
         if source is None:
             return  # unsubscribed since it was sent
+        self._heard.inc()
         event = self.store.decode_live(source, message)
         if event is None:
             self.unreadable += 1

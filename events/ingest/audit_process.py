@@ -115,12 +115,10 @@ def _child(name: str, parent_pid: int, figures: Any) -> None:
 
 
 async def _run(name: str, parent_pid: int, figures: Figures) -> None:
-    import redis.asyncio as aioredis  # noqa: PLC0415
-    from django.conf import settings  # noqa: PLC0415
-
+    from events.core import backends  # noqa: PLC0415
     from events.ingest.audit_sink import AuditSink  # noqa: PLC0415
 
-    sink = AuditSink(aioredis.from_url(settings.REDIS_URL, socket_timeout=10), name=f"{name}/audit", figures=figures)
+    sink = AuditSink(backends.redis_client(timeout=10, connect_timeout=5), name=f"{name}/audit", figures=figures)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sink.request_stop)

@@ -11,9 +11,9 @@ import contextlib
 
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.db import connection
 
+from events.core import backends
 from events.ops import metrics
 
 LIVE = {"status": "ok"}
@@ -42,9 +42,7 @@ async def redis_ok(client: aioredis.Redis | None = None) -> bool:
     """PING `client`, or a short-lived client of REDIS_URL."""
     own = client is None
     if client is None:
-        client = aioredis.from_url(
-            settings.REDIS_URL, socket_timeout=CHECK_SECONDS, socket_connect_timeout=CHECK_SECONDS
-        )
+        client = backends.redis_client(timeout=CHECK_SECONDS, connect_timeout=CHECK_SECONDS)
     try:
         return bool(await asyncio.wait_for(client.ping(), CHECK_SECONDS + 1))
     except Exception:  # noqa: BLE001 - any failure means not ready

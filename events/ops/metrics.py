@@ -45,3 +45,4 @@ STREAM_CATCH_UPS = Counter(
     "gateway_stream_catch_ups", "Times a stream fell behind its in-memory window and caught up from the store"
 )
 LIVE_SOURCES = Gauge("gateway_live_sources", "Sources (users, process instances, broadcasts) this web process hears")
+LIVE_EVENTS = Counter("gateway_live_events", "Events this web process heard on its live feed (its streams' sources)")
