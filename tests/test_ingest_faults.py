@@ -255,13 +255,16 @@ async def test_an_unreadable_stored_entry_is_skipped_and_delivery_goes_on(
     await gateway.produce({"user": "skip", "data": "before"})
     [before] = await stream.events(1, timeout=30)
 
+    # Something else writes a damaged entry into the user's stream and its live channel.
     client = aioredis.from_url(redis_server.url, decode_responses=True)
     try:
         last: Any = await client.get(routing.LAST_ID_KEY)
         ms, seq = (int(part) for part in last.split("-"))
         bad_id = f"{ms}-{seq + 1}"
-        await client.xadd(routing.EVENTS_STREAM, {"type": "message", "published_at": "not a number"}, id=bad_id)
+        await client.xadd(routing.user_source("skip"), {"e": "not packed"}, id=bad_id)
         await client.set(routing.LAST_ID_KEY, bad_id)
+        await client.publish(routing.user_source("skip"), f"{bad_id} not packed")
+        await client.publish(routing.user_source("skip"), "no id at all")
     finally:
         await client.aclose()
     await gateway.produce({"user": "skip", "data": "after"})
@@ -271,9 +274,13 @@ async def test_an_unreadable_stored_entry_is_skipped_and_delivery_goes_on(
     assert after.id is not None
     assert after.id > before.id
     await stream.close()
+    # A replay over the damaged entry skips it too.
+    async with await open_stream(gateway.url, token=token("skip"), headers={"Last-Event-ID": before.id}) as again:
+        [replayed] = await again.events(1, timeout=30)
+        assert replayed.json()["data"] == "after"
 
     port = _web_port(gateway)
-    assert await metric(port, 'gateway_task_failures_total{task="hub-read"}') >= 1
+    assert await metric(port, 'gateway_task_failures_total{task="hub-feed"}') >= 2
     status, body = await http_get(gateway.url + "/readyz")
     assert status == 200, body
     assert json.loads(body)["delivery"] is True

@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 # A subscriber connection that failed is replaced after this (doubling up to RECONNECT_MAX_SECONDS).
 RECONNECT_SECONDS = 0.2
 RECONNECT_MAX_SECONDS = 5.0
+# Connecting (or closing) a subscriber connection may take this long before it counts as failed.
+CONNECT_SECONDS = 5.0
+# A subscriber connection quiet for this long is pinged; no answer within as long again means it is gone.
+QUIET_SECONDS = 5.0
 # Channels per SUBSCRIBE command when many streams open at once.
 SUBSCRIBE_BATCH = 1000
 
@@ -98,7 +102,7 @@ class _Link:
                 self._outstanding.clear()
                 if self.pubsub is not None:
                     with contextlib.suppress(Exception):
-                        await self.pubsub.aclose()
+                        await asyncio.wait_for(self.pubsub.aclose(), CONNECT_SECONDS)
                     self.pubsub = None
             first = False
             await asyncio.sleep(delay)
@@ -106,22 +110,30 @@ class _Link:
 
     async def _session(self, *, resumed: bool) -> None:
         self.pubsub = self.client.pubsub()
-        await self.pubsub.connect()
+        await asyncio.wait_for(self.pubsub.connect(), CONNECT_SECONDS)
         self._to_subscribe = set(self.channels)
         self._to_unsubscribe.clear()
         await self._send()
         loop = asyncio.get_running_loop()
-        helpers = [loop.create_task(self._sender(), name=f"feed-send:{self.name}")]
+        tasks = {
+            loop.create_task(self._read(), name=f"feed-read:{self.name}"),
+            loop.create_task(self._sender(), name=f"feed-send:{self.name}"),
+        }
         if resumed:
-            helpers.append(loop.create_task(self._caught_up(), name=f"feed-resume:{self.name}"))
+            tasks.add(loop.create_task(self._caught_up(), name=f"feed-resume:{self.name}"))
         else:
             self.connected.set()
         try:
-            await self._read()
+            while tasks:
+                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # a failure of any part ends the session
+                    if task.get_name().startswith("feed-read"):
+                        raise ConnectionError("the subscriber connection ended")
         finally:
-            for task in helpers:
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _caught_up(self) -> None:
         """After a reconnect: once every wanted channel is confirmed again, streams catch up past the gap."""
@@ -155,8 +167,17 @@ class _Link:
     async def _read(self) -> None:
         feed = self.feed
         message_types = feed.message_types
+        pinged = False
         while True:
-            response = await self.pubsub.parse_response(block=True)
+            response = await self.pubsub.parse_response(block=False, timeout=QUIET_SECONDS)
+            if response is None:
+                # Quiet: make sure the connection is still there (a silent one would never say it is not).
+                if pinged:
+                    raise ConnectionError(f"no answer to a ping within {QUIET_SECONDS:.0f}s")
+                await self.pubsub.ping()
+                pinged = True
+                continue
+            pinged = False
             if not isinstance(response, list) or len(response) < 3:
                 continue
             kind = response[0]
