@@ -134,6 +134,9 @@ EVENTS_HEARTBEAT_SECONDS = env.float("EVENTS_HEARTBEAT_SECONDS", default=15.0)
 EVENTS_RETRY_MS = env.int("EVENTS_RETRY_MS", default=3000)
 EVENTS_MAX_STREAMS_PER_USER = env.int("EVENTS_MAX_STREAMS_PER_USER", default=10)
 EVENTS_STREAM_BUFFER = env.int("EVENTS_STREAM_BUFFER", default=1000)
+# A bearer stream says `token-expiring` this long before its token's exp: time for the page to get a fresh
+# token from its identity provider and POST it (a minute covers a silent refresh with retries).
+EVENTS_TOKEN_RENEW_SECONDS = env.int("EVENTS_TOKEN_RENEW_SECONDS", default=60)
 
 # --- Bearer tokens (off unless a key is set) ---
 JWT_ALGORITHMS = env.list("JWT_ALGORITHMS", default=["RS256"])

@@ -25,6 +25,7 @@ from events.core import routing, sse
 from events.core.instance import INSTANCE
 from events.core.records import CloseReason, StoredEvent
 from events.core.store import EventStore
+from events.delivery import renewal
 from events.delivery.audit_writer import AuditWriter
 from events.ops import metrics
 from events.ops.supervise import Supervisor, failed
@@ -227,11 +228,16 @@ class Hub:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             now = time.time()
+            at_end: list[Stream] = []
             for stream in list(self.streams):
                 try:
                     stream.tick(now)
+                    if stream.renewal_due:
+                        at_end.append(stream)
                 except Exception:  # noqa: BLE001 - one stream must not stop the others' heartbeats
                     failed("hub-tick", "stream tick failed", stream=stream.id)
+            if at_end:  # bearer streams at their token's end: renewed meanwhile (any process), or closed
+                await renewal.settle(self.redis, at_end, now)
             ticks += 1
             if ticks % refresh_every == 0 and self.streams:
                 await self._refresh_slots(now)
