@@ -97,8 +97,10 @@ async def stream_token(request: HttpRequest, stream_id: str) -> HttpResponseBase
         return _refuse(401, str(exc))
     except (aioredis.RedisError, OSError, AuthUnavailable, DatabaseError):
         return _refuse(503, "temporarily unavailable, try again")
-    if result.outcome is renewal.Outcome.UNKNOWN or result.expires_at is None:
+    if result.outcome is renewal.Outcome.UNKNOWN:
         return _refuse(404, "no open stream of yours has this id")
+    if result.outcome is renewal.Outcome.NO_END or result.expires_at is None:
+        return _refuse(409, "this stream was not opened with a token: it has none to renew")
     expires = iso_from_ms(int(result.expires_at * 1000))
     if result.outcome is renewal.Outcome.NOT_LATER:
         return _refuse(409, "this token expires no later than the stream already does", expiresAt=expires)

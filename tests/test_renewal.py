@@ -14,7 +14,11 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth.models import User
+from django.test import Client
 
+from subscriptions.models import Subscription
 from tests.harness import Gateway, Layout, token, wait_until
 from tests.sse_client import SSEConnection, SSEEvent, open_stream
 
@@ -185,6 +189,29 @@ async def test_a_stream_that_has_ended_cannot_be_renewed(gateway: Gateway) -> No
         return status == 404
 
     await wait_until(refused, interval=0.2, what="the ended stream to be refused renewal")
+
+
+def _session_cookie(username: str) -> str:
+    user, _ = User.objects.get_or_create(username=username)
+    client = Client()
+    client.force_login(user)
+    return client.cookies["sessionid"].value
+
+
+def _stream_ids(user: str) -> list[str]:
+    return [str(row.id) for row in Subscription.objects.filter(user=user)]
+
+
+async def test_a_session_stream_has_no_token_to_renew(gateway: Gateway) -> None:
+    cookie = await sync_to_async(_session_cookie)("by-session")
+    async with await open_stream(gateway.webs[0].url, headers={"Cookie": f"sessionid={cookie}"}) as stream:
+        assert stream.status == 200
+        [stream_id] = await wait_until(lambda: sync_to_async(_stream_ids)("by-session"), what="the stream's audit row")
+        status, body = await post_token(gateway.webs[1].url, stream_id, token("by-session", ttl=3600))
+        assert (status, body) == (409, {"error": "this stream was not opened with a token: it has none to renew"})
+        await gateway.produce({"user": "by-session", "data": "still open"})
+        event = await next_named(stream)
+        assert (event.event, event.json()["data"]) == ("message", "still open")
 
 
 async def test_cors_for_the_renewal_is_the_tickets_cors(gateway: Gateway) -> None:

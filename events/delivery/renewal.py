@@ -31,11 +31,12 @@ KEY_GRACE_SECONDS = 60
 STREAM_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 # KEYS[1] the stream's end; ARGV: the new end, the key's lifetime in seconds. The end only moves later, so
-# two renewals racing leave the later token's exp. Returns {1, new} or {0, current} (strings: Redis would
-# turn a Lua number into an integer).
+# two renewals racing leave the later token's exp. Returns {1, new}, {0, current}, or {-1, ''} for a stream
+# with no end (a session's). Ends travel as strings: Redis would turn a Lua number into an integer.
 _MOVE_LATER_LUA = """
 local current = redis.call('GET', KEYS[1])
-if current and tonumber(ARGV[1]) <= tonumber(current) then return {0, current} end
+if not current then return {-1, ''} end
+if tonumber(ARGV[1]) <= tonumber(current) then return {0, current} end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
 return {1, ARGV[1]}
 """
@@ -44,12 +45,13 @@ return {1, ARGV[1]}
 class Outcome(enum.Enum):
     RENEWED = "renewed"
     NOT_LATER = "not-later"  # the token expires no later than the stream already does
+    NO_END = "no-end"  # the stream has no token to renew (opened with a session, or a ticket bought with one)
     UNKNOWN = "unknown"  # no open stream of this user has this id
 
 
 class Renewal(NamedTuple):
     outcome: Outcome
-    expires_at: float | None  # the stream's end after the call (None: unknown stream)
+    expires_at: float | None  # the stream's end after the call (None: an unknown stream, or one without an end)
 
 
 class Expiring(Protocol):
@@ -85,6 +87,8 @@ async def renew(redis: aioredis.Redis, *, user: str, stream_id: str, expires_at:
     moved, end = await redis.eval(
         _MOVE_LATER_LUA, 1, routing.stream_expiry_key(stream_id), repr(expires_at), _lifetime(expires_at, now)
     )
+    if int(moved) < 0:
+        return Renewal(Outcome.NO_END, None)
     return Renewal(Outcome.RENEWED if int(moved) else Outcome.NOT_LATER, float(end))
 
 
