@@ -451,3 +451,48 @@ async def test_unrenewed_tokens_end_in_auth_expired_and_the_client_reopens_with_
         assert all(parse_qs(urlsplit(r.url).query).get("lastEventId") for r in requests[1:])
     finally:
         await context.close()
+
+
+def _buy_ticket(base: str, bearer: str) -> str:
+    request = urllib.request.Request(
+        base + "/api/events/tickets", method="POST", headers={"Authorization": f"Bearer {bearer}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return str(json.loads(response.read())["ticket"])
+
+
+async def test_ticket_mode_asks_the_page_for_a_ticket_per_connection(
+    browser: Browser, gateway: Gateway, app: PageServer
+) -> None:
+    user = "ticket-mode"
+    issued: list[str] = []
+
+    async def fresh_ticket() -> str:  # what an app's backend would do with its own credentials
+        ticket = await asyncio.to_thread(_buy_ticket, gateway.url, token(user, ttl=3600))
+        issued.append(ticket)
+        return ticket
+
+    context = await browser.new_context()
+    try:
+        await context.expose_function("freshTicket", fresh_ticket)
+        requests = stream_requests(context)
+        url = f"{app.origin}/cross-origin.html?gateway={gateway.url}"
+        config = {"mode": "ticket", "events": ["Data"], "retryMs": RETRY_MS}
+        page = await open_tab(context, url, config)
+        await expect(page.locator("#state")).to_have_text("open")
+        await gateway.produce({"user": user, "event": "Data", "data": {"n": 1}})
+        await expect(page.locator("#events li")).to_have_count(1)
+        [(first_id, _)] = await shown(page)
+
+        await page.reload()
+        await gateway.produce({"user": user, "event": "Data", "data": {"n": 2}})
+        await page.wait_for_function("typeof window.start === 'function'")
+        await page.evaluate("config => start(config)", config)
+        await expect(page.locator("#events li")).to_have_count(1)
+        assert [n for _, n in await shown(page)] == [2]
+        used = [parse_qs(urlsplit(r.url).query) for r in requests]
+        assert [q["ticket"][0] for q in used] == issued
+        assert len(issued) == 2
+        assert used[1]["lastEventId"] == [first_id]
+    finally:
+        await context.close()
