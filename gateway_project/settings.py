@@ -137,6 +137,8 @@ EVENTS_STREAM_BUFFER = env.int("EVENTS_STREAM_BUFFER", default=1000)
 # A bearer stream says `token-expiring` this long before its token's exp: time for the page to get a fresh
 # token from its identity provider and POST it (a minute covers a silent refresh with retries).
 EVENTS_TOKEN_RENEW_SECONDS = env.int("EVENTS_TOKEN_RENEW_SECONDS", default=60)
+if EVENTS_TOKEN_RENEW_SECONDS < 0:
+    raise ImproperlyConfigured("EVENTS_TOKEN_RENEW_SECONDS must be 0 or more")
 
 # --- Bearer tokens (off unless a key is set) ---
 JWT_ALGORITHMS = env.list("JWT_ALGORITHMS", default=["RS256"])

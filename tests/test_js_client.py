@@ -175,8 +175,11 @@ async def test_three_tabs_share_one_stream_and_the_leaders_tab_closing_hands_ove
 
         # One stream on the server: one request from the browser, one open stream, one audited stream.
         assert len(requests) == 1
-        await wait_until(lambda: open_streams(web), what="the stream to be counted open")
-        assert await open_streams(web) == 1
+
+        async def one_open() -> bool:
+            return await open_streams(web) == 1
+
+        await wait_until(one_open, what="one stream open on the server")
         await wait_until(lambda: sync_to_async(_streams_of)(user), what="the stream's audit row")
 
         def data(n: int) -> dict[str, Any]:
@@ -215,7 +218,7 @@ async def test_three_tabs_share_one_stream_and_the_leaders_tab_closing_hands_ove
         assert len(requests) == 2
         resumed = parse_qs(urlsplit(requests[1].url).query)
         assert resumed["lastEventId"] == [first[-1][0]]
-        assert await open_streams(web) == 1
+        await wait_until(one_open, what="one stream open on the server, the new leader's")
 
         async def audited() -> list[tuple[str, str]] | None:
             rows = await sync_to_async(_streams_of)(user)
