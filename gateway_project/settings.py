@@ -142,6 +142,11 @@ EVENTS_MAX_STREAMS_PER_USER = env.int("EVENTS_MAX_STREAMS_PER_USER", default=10)
 EVENTS_STREAM_BUFFER = env.int("EVENTS_STREAM_BUFFER", default=1000)
 EVENTS_SLOW_CLIENT_BYTES = env.int("EVENTS_SLOW_CLIENT_BYTES", default=1_048_576)
 EVENTS_SLOW_CLIENT_SECONDS = env.float("EVENTS_SLOW_CLIENT_SECONDS", default=30.0)
+# A bearer stream says `token-expiring` this long before its token's exp: time for the page to get a fresh
+# token from its identity provider and POST it (a minute covers a silent refresh with retries).
+EVENTS_TOKEN_RENEW_SECONDS = env.int("EVENTS_TOKEN_RENEW_SECONDS", default=60)
+if EVENTS_TOKEN_RENEW_SECONDS < 0:
+    raise ImproperlyConfigured("EVENTS_TOKEN_RENEW_SECONDS must be 0 or more")
 
 # --- Bearer tokens (off unless a key is set) ---
 JWT_ALGORITHMS = env.list("JWT_ALGORITHMS", default=["RS256"])

@@ -302,6 +302,9 @@ async def test_unknown_or_expired_last_event_id_starts_with_stream_reset(gateway
 
 async def test_bearer_stream_ends_at_token_expiry(gateway: Gateway) -> None:
     async with await open_stream(gateway.url, token=token("jay", ttl=3)) as stream:
+        notice = await stream.next_event(timeout=15)  # EVENTS_TOKEN_RENEW_SECONDS (60) exceeds the 3 s left
+        assert notice is not None
+        assert notice.event == "token-expiring"
         event = await stream.next_event(timeout=15)
         assert event is not None
         assert event.event == "auth-expired"

@@ -24,6 +24,11 @@ def process_source(process_instance: str) -> str:
     return f"{PREFIX}:src:p:{process_instance}"
 
 
+def stream_expiry_key(stream_id: str) -> str:
+    """The end (epoch seconds) of a bearer stream, moved later by token renewals from any web process."""
+    return f"{PREFIX}:stream-exp:{stream_id}"
+
+
 def dedup_key(producer_id: str) -> str:
     return f"{PREFIX}:dedup:{producer_id}"
 

@@ -22,6 +22,7 @@ from events.core.instance import INSTANCE
 from events.core.records import CloseReason, StoredEvent
 from events.core.routing import Source
 from events.core.store import EventStore
+from events.delivery import renewal
 from events.delivery.audit_writer import AuditWriter
 from events.delivery.feed import Feed
 from events.delivery.registry import Registry
@@ -187,11 +188,16 @@ class Hub:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             now = time.time()
+            at_end: list[Stream] = []
             for stream in self.streams:
                 try:
                     stream.tick(now)
+                    if stream.renewal_due:
+                        at_end.append(stream)
                 except Exception:  # noqa: BLE001 - one stream must not stop the others' heartbeats
                     failed("hub-tick", "stream tick failed", stream=stream.id)
+            if at_end:  # bearer streams at their token's end: renewed meanwhile (any process), or closed
+                await renewal.settle(self.redis, at_end, now)
             ticks += 1
             if ticks % refresh_every == 0 and len(self.registry):
                 await self._refresh_slots(now)

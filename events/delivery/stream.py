@@ -108,6 +108,10 @@ class Stream:
         self._target: Position | None = None
         self._floor: list[positions.Id] = self.position
         self._window: deque[tuple[StoredEvent, bytes]] = deque()
+        self._renew_before: float = settings.EVENTS_TOKEN_RENEW_SECONDS
+        self._expiring_sent = False  # token-expiring, once per end
+        self.renewal_due = False  # at its end: the hub's ticker renews or closes it (delivery/renewal.py)
+        self._notices: list[bytes] = []  # gateway events to write next (token-expiring)
         self._wake = asyncio.Event()
         self._close_reason: CloseReason | None = None
         self._last_write = time.time()
@@ -180,11 +184,26 @@ class Stream:
             self._window.popleft()
 
     def tick(self, now: float) -> None:
-        if self.expires_at is not None and now >= self.expires_at:
-            self.close(CloseReason.AUTH_EXPIRED)
+        expires_at = self.expires_at
+        # At its end a bearer stream is not closed here: the ticker first asks Redis whether the token was
+        # renewed from any web process, then calls renew() or closes the stream with auth-expired.
+        self.renewal_due = expires_at is not None and now >= expires_at and self._close_reason is None
+        if expires_at is not None and not self._expiring_sent and now >= expires_at - self._renew_before:
+            self._expiring_sent = True
+            data: dict[str, object] = {"stream": self.id, "expiresAt": sse.iso_from_ms(int(expires_at * 1000))}
+            self._notices.append(sse.control("token-expiring", data))
+            self._wake.set()
         elif now - self._last_write >= self._heartbeat:
             self._ping_due = True
             self._wake.set()
+
+    def renew(self, expires_at: float) -> None:
+        """Move a bearer stream's end to a renewed token's exp (never earlier); token-expiring is sent again
+        before the new end."""
+        if self.expires_at is not None and expires_at > self.expires_at:
+            self.expires_at = expires_at
+            self._expiring_sent = False
+        self.renewal_due = False
 
     def close(self, reason: CloseReason) -> None:
         if self._close_reason is None:
@@ -224,8 +243,14 @@ class Stream:
                     elif replay_target == self._target:
                         replay = None
                         chunk = self._caught_up(replay_target)
+                    if self._notices:
+                        chunk = b"".join(self._notices) + chunk
+                        self._notices.clear()
                 else:
                     chunk = self._take()
+                    if self._notices:
+                        chunk = b"".join(self._notices) + chunk
+                        self._notices.clear()
                     if not chunk and not first:
                         if self._ping_due:
                             chunk = sse.PING
