@@ -198,7 +198,12 @@ async def test_an_unreachable_jwks_endpoint_means_retry_not_refused(jwks: _Jwks)
 @pytest.mark.parametrize(
     ("request_options", "status"),
     [
-        ({"headers": {"Last-Event-ID": "x" * 65}}, 400),
+        ({"headers": {"Last-Event-ID": "x" * 1025}}, 400),
+        ({"params": [("since", "yesterday")]}, 400),
+        ({"params": [("since", "2026-11-30T10:00:00")]}, 400),
+        ({"params": [("since", str(10**14))]}, 400),
+        ({"params": [("since", "0"), ("lastEventId", "1-0")]}, 400),
+        ({"params": [("since", "1"), ("since", "2")]}, 400),
         ({"params": [("lastEventId", "1-0"), ("lastEventId", "2-0")]}, 400),
         ({"params": [("ticket", "a"), ("ticket", "b")]}, 400),
         ({"params": [("processInstanceUuid", "p" * 2000)]}, 400),

@@ -192,3 +192,26 @@ async def test_the_gateway_runs_on_a_redis_cluster(cluster_gateway: Gateway) -> 
         return (await http_get(first + "/readyz", timeout=5))[0] == 200
 
     await wait_until(ready, timeout=10, what="readiness on a cluster")
+
+
+async def test_since_replays_from_a_time_then_goes_live(shared_gateway: Gateway) -> None:
+    web = shared_gateway.webs[0].url
+    async with await open_stream(web, token=token("tess")) as watcher:
+        for n in range(3):
+            await shared_gateway.produce({"user": "tess", "data": f"old{n}"}, key="tess")
+        await watcher.events(3, timeout=30)
+        await asyncio.sleep(0.05)
+        since = datetime.now(UTC)
+        await asyncio.sleep(0.05)
+        for n in range(3):
+            await shared_gateway.produce({"user": "tess", "data": f"new{n}"}, key="tess")
+        await watcher.events(3, timeout=30)
+    iso = since.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    expected = ["new0", "new1", "new2"]
+    for value in (iso, str(int(since.timestamp() * 1000))):
+        async with await open_stream(web, token=token("tess"), params=[("since", value)]) as stream:
+            assert stream.status == 200
+            assert [d for _, d in await _read_data(stream, len(expected))] == expected
+            await shared_gateway.produce({"user": "tess", "data": f"live-{value}"}, key="tess")
+            assert [d for _, d in await _read_data(stream, 1)] == [f"live-{value}"]
+            expected.append(f"live-{value}")
