@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -19,6 +20,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import models
 from django.db.models import QuerySet
@@ -27,11 +29,14 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
 from redis import RedisError
 
 from events.core import envelope
-from subscriptions import selectors, services
+from events.core.store import ID_PATTERN
+from subscriptions import selectors, services, trace
 from subscriptions.models import BroadcastDelivery, DeliveryAudit, Grant, RejectedRecord, Subscription
+from subscriptions.trace import moment
 
 admin.site.site_header = "events-gateway admin"
 admin.site.site_title = "events-gateway"
@@ -164,13 +169,6 @@ def _changelist(model: type[models.Model], **params: object) -> str:
     return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist") + f"?{query}"
 
 
-def moment(value: datetime | None) -> str:
-    """A timestamp to the millisecond, in TIME_ZONE (UTC): audits are read at that resolution."""
-    if value is None:
-        return "-"
-    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-
-
 def stream_id(value: object) -> str:
     """A stream id on one line (a UUID's hyphens would let it wrap), in a fixed-width font."""
     return format_html('<span class="stream-id" style="white-space: nowrap; font-family: monospace">{}</span>', value)
@@ -260,6 +258,88 @@ class GrantStateFilter(admin.SimpleListFilter):
         return queryset
 
 
+# --- the delivery trace ----------------------------------------------------------------------------------
+# Who may trace: it reads streams, deliveries, grants and rejected records.
+TRACE_PERMISSIONS = (
+    "subscriptions.view_subscription",
+    "subscriptions.view_deliveryaudit",
+    "subscriptions.view_grant",
+    "subscriptions.view_rejectedrecord",
+)
+# The topic names Kafka accepts.
+KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
+
+
+def _trace(**params: object) -> str:
+    return reverse("admin:subscriptions_trace") + "?" + urlencode({k: str(v) for k, v in params.items()})
+
+
+def _trace_url(request: HttpRequest) -> str | None:
+    return reverse("admin:subscriptions_trace") if request.user.has_perms(TRACE_PERMISSIONS) else None
+
+
+class TraceForm(forms.Form):
+    """A stream or a user, and an event: its id, its Kafka record or its producer id."""
+
+    stream = forms.UUIDField(required=False, label="Stream id")
+    user = forms.CharField(
+        required=False,
+        max_length=envelope.USER_MAX_LENGTH,
+        label="or user",
+        help_text="Each of the user's streams open within 5 minutes of the event.",
+    )
+    event = forms.CharField(
+        required=False,
+        max_length=300,
+        label="Event",
+        help_text="An event id (the SSE id:, e.g. 1732683600000-0), or a Kafka record as topic/partition/offset.",
+    )
+    producer_id = forms.CharField(
+        required=False,
+        max_length=envelope.PRODUCER_ID_MAX_LENGTH,
+        label="or producer id",
+        help_text="The id field the producer put in the envelope.",
+    )
+
+    def clean_event(self) -> str:
+        value: str = self.cleaned_data["event"]
+        if value and not ID_PATTERN.match(value) and self._kafka_record(value) is None:
+            raise forms.ValidationError(
+                "Enter an event id such as 1732683600000-0 (digits, a hyphen, digits), "
+                "or a Kafka record as topic/partition/offset."
+            )
+        return value
+
+    def clean(self) -> dict[str, Any]:
+        data: dict[str, Any] = super().clean() or {}
+        if self.errors:
+            return data
+        if (data.get("stream") is None) == (not data.get("user")):
+            raise forms.ValidationError("Name either a stream id or a user.")
+        if bool(data.get("event")) == bool(data.get("producer_id")):
+            raise forms.ValidationError("Name the event either by its id or Kafka record, or by its producer id.")
+        return data
+
+    def arguments(self) -> dict[str, Any]:
+        """The valid form as delivery_trace's keyword arguments."""
+        data = self.cleaned_data
+        arguments: dict[str, Any] = {"stream_id": data["stream"], "user": data["user"] or None}
+        if data["producer_id"]:
+            arguments["producer_id"] = data["producer_id"]
+        elif ID_PATTERN.match(data["event"]):
+            arguments["event_id"] = data["event"]
+        else:
+            arguments["kafka_record"] = self._kafka_record(data["event"])
+        return arguments
+
+    @staticmethod
+    def _kafka_record(value: str) -> tuple[str, int, int] | None:
+        match = selectors.KAFKA_COORDINATES.match(value)
+        if match is None or not KAFKA_TOPIC.match(match["topic"]):
+            return None
+        return match["topic"], int(match["partition"]), int(match["offset"])
+
+
 # --- streams ---------------------------------------------------------------------------------------------
 @admin.register(Subscription)
 class SubscriptionAdmin(ReadOnlyAdmin):
@@ -294,15 +374,41 @@ class SubscriptionAdmin(ReadOnlyAdmin):
         "last_event_id",
         "events_delivered",
         "deliveries_link",
+        "trace_link",
         "client_address",
         "user_agent",
         "instance",
     )
     readonly_fields = fields
 
+    change_list_template = "admin/subscriptions/change_list_trace.html"
+
     def get_urls(self) -> list[URLPattern]:
         overview = path("overview/", self.admin_site.admin_view(self.overview_view), name="subscriptions_overview")
-        return [overview, *super().get_urls()]
+        traced = path("trace/", self.admin_site.admin_view(self.trace_view), name="subscriptions_trace")
+        return [overview, traced, *super().get_urls()]
+
+    def trace_view(self, request: HttpRequest) -> HttpResponse:
+        """The delivery trace: what became of one event on one stream, or on a user's streams, and why."""
+        if not request.user.has_perms(TRACE_PERMISSIONS):
+            raise PermissionDenied
+        form = TraceForm(request.GET or None)
+        answer = None
+        if form.is_valid():
+            try:
+                answer = trace.delivery_trace(**form.arguments())
+            except trace.StoreUnavailable as exc:
+                form.add_error(None, str(exc))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Delivery trace",
+            "form": form,
+            "trace": answer,
+        }
+        return TemplateResponse(request, "admin/subscriptions/trace.html", context)
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        return super().changelist_view(request, {**(extra_context or {}), "trace_url": _trace_url(request)})
 
     def overview_view(self, request: HttpRequest) -> HttpResponse:
         """Rejected records by reason over the last day, and open streams per web process."""
@@ -342,6 +448,10 @@ class SubscriptionAdmin(ReadOnlyAdmin):
     def deliveries_link(self, obj: Subscription) -> str:
         return format_html('<a href="{}">deliveries</a>', _changelist(DeliveryAudit, subscription__exact=obj.pk))
 
+    @admin.display(description="delivery trace")
+    def trace_link(self, obj: Subscription) -> str:
+        return format_html('<a href="{}">why did this stream (not) get an event?</a>', _trace(stream=obj.pk))
+
 
 # --- deliveries ------------------------------------------------------------------------------------------
 @admin.register(DeliveryAudit)
@@ -379,8 +489,21 @@ class DeliveryAuditAdmin(ReadOnlyAdmin):
         "process_instance",
         "kafka_record",
         "stored_event",
+        "trace_link",
     )
     readonly_fields = fields
+    change_list_template = "admin/subscriptions/change_list_trace.html"
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        return super().changelist_view(request, {**(extra_context or {}), "trace_url": _trace_url(request)})
+
+    @admin.display(description="delivery trace")
+    def trace_link(self, obj: DeliveryAudit) -> str:
+        return format_html(
+            '<a href="{}">trace {} on this stream</a>',
+            _trace(stream=obj.subscription_id, event=obj.event_id),
+            obj.event_id,
+        )
 
     @admin.display(description="sent at (UTC)", ordering="sent_at")
     def sent(self, obj: DeliveryAudit) -> str:
@@ -549,7 +672,17 @@ class GrantRevokeForm(forms.ModelForm):
         fields = ()
 
 
-GRANT_FIELDS = ("user", "process_instance", "source", "granted", "granted_by", "revoked", "revoked_by")
+GRANT_FIELDS = (
+    "user",
+    "process_instance",
+    "source",
+    "granted",
+    "granted_by",
+    "recorded",
+    "revoked",
+    "revoked_by",
+    "revoke_recorded",
+)
 
 
 @admin.register(Grant)
@@ -576,6 +709,14 @@ class GrantAdmin(LargeTableAdmin):
     @admin.display(description="revoked at (UTC)", ordering="revoked_at")
     def revoked(self, obj: Grant) -> str:
         return moment(obj.revoked_at)
+
+    @admin.display(description="applied by the gateway at (UTC)")
+    def recorded(self, obj: Grant) -> str:
+        return moment(obj.recorded_at)
+
+    @admin.display(description="revocation applied at (UTC)")
+    def revoke_recorded(self, obj: Grant) -> str:
+        return moment(obj.revoke_recorded_at)
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # revoke instead: grants are the record of who could follow what, and when

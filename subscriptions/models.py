@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 from events.core.records import CloseReason, DeliveryStatus
 
@@ -123,7 +125,15 @@ class BroadcastDelivery(models.Model):
 
 
 class Grant(models.Model):
-    """A user may follow a process instance while the grant is active (not revoked)."""
+    """A user may follow a process instance while the grant is active (not revoked).
+
+    Rows are never deleted and a grant given again is a new row, so the rows are the access history.
+    `granted_at` / `revoked_at` are the times the record carries (a Kafka record's timestamp, or the
+    admin's clock); `recorded_at` / `revoke_recorded_at` are when the gateway applied them, which is what
+    streams act on: a stream opened after `recorded_at` may follow, and one following stops at the
+    `disconnect` stored right after `revoke_recorded_at` (seconds or hours after `revoked_at` when the
+    consumer lags).
+    """
 
     class Source(models.TextChoices):
         KAFKA = "kafka"
@@ -136,6 +146,10 @@ class Grant(models.Model):
     source = models.CharField(max_length=8, choices=Source.choices)
     revoked_at = models.DateTimeField(null=True, blank=True)
     revoked_by = models.CharField(max_length=255, blank=True)
+    recorded_at = models.DateTimeField(default=timezone.now, help_text="when the gateway applied the grant")
+    revoke_recorded_at = models.DateTimeField(
+        null=True, blank=True, help_text="when the gateway applied the revocation"
+    )
 
     class Meta:
         verbose_name = "grant"
@@ -161,6 +175,11 @@ class Grant(models.Model):
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+    @property
+    def ended_at(self) -> datetime | None:
+        """When the revocation took effect (rows revoked before it was recorded: the record's time)."""
+        return self.revoke_recorded_at or self.revoked_at
 
 
 class RejectedRecord(models.Model):

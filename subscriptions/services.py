@@ -32,9 +32,10 @@ def grant_apply(*, user: str, process_instance: str, granted_by: str, source: st
 
 
 def grant_revoke(*, user: str, process_instance: str, revoked_by: str, at: datetime) -> int:
-    """End the active grant, if any; returns how many were ended."""
+    """End the active grant, if any; returns how many were ended. `at` is the record's time; when the
+    revocation was applied is recorded too (the disconnect is stored right after)."""
     return Grant.objects.filter(user=user, process_instance=process_instance, revoked_at__isnull=True).update(
-        revoked_at=at, revoked_by=revoked_by[:255]
+        revoked_at=at, revoked_by=revoked_by[:255], revoke_recorded_at=timezone.now()
     )
 
 
@@ -143,10 +144,12 @@ def grant_create_from_admin(*, user: str, process_instance: str, admin: str) -> 
     GrantChangeFailed says why. Raises IntegrityError if an active grant already exists.
     """
     with transaction.atomic():
+        now = timezone.now()
         grant = Grant.objects.create(
             user=user,
             process_instance=process_instance,
-            granted_at=timezone.now(),
+            granted_at=now,
+            recorded_at=now,
             granted_by=f"admin {admin}"[:255],
             source=Grant.Source.ADMIN,
         )
@@ -167,9 +170,9 @@ def grant_revoke_from_admin(*, grant_ids: Sequence[int], admin: str) -> int:
             grant = Grant.objects.select_for_update().filter(pk=grant_id, revoked_at__isnull=True).first()
             if grant is None:
                 continue
-            grant.revoked_at = timezone.now()
+            grant.revoked_at = grant.revoke_recorded_at = timezone.now()
             grant.revoked_by = f"admin {admin}"[:255]
-            grant.save(update_fields=["revoked_at", "revoked_by"])
+            grant.save(update_fields=["revoked_at", "revoked_by", "revoke_recorded_at"])
             try:
                 _announce(grant, granted=False)
             except GrantChangeFailed as exc:

@@ -1,7 +1,8 @@
 """The event store from sync code (admin actions, services, selectors), over a short-lived connection.
 
 Grant changes made in the admin reach open streams as `connect` / `disconnect` events, through the same
-store as those records from Kafka; the admin also reads back the stored event behind a delivery.
+store as those records from Kafka; the admin also reads back the stored event behind a delivery, and the
+delivery trace finds an event by its producer id and a partition's stored offset.
 """
 
 from __future__ import annotations
@@ -57,3 +58,20 @@ def stored_event_get(*, event_id: str) -> dict[str, str] | None:
     Raises redis.RedisError when Redis cannot be reached.
     """
     return _with_store(lambda store: store.entry(event_id), timeout=2)
+
+
+def stored_event_id_of_producer(*, producer_id: str) -> str | None:
+    """The id of the event stored with producer id `producer_id` (its first copy), or None: none was
+    within retention. Raises redis.RedisError when Redis cannot be reached."""
+
+    return _with_store(lambda store: store.producer_event_id(producer_id), timeout=2)
+
+
+def stored_offset_get(*, topic: str, partition: int) -> int:
+    """The last offset of `topic` / `partition` the consumers have made durable (stored or dead-lettered);
+    -1 when none. Raises redis.RedisError when Redis cannot be reached."""
+
+    async def get(store: EventStore) -> int:
+        return (await store.stored_offsets([(topic, partition)]))[(topic, partition)]
+
+    return _with_store(get, timeout=2)

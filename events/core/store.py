@@ -218,6 +218,14 @@ class EventStore:
         values = await self._get_many([self.keys.dedup_key(shard, p) for p, shard in ids])
         return {p for (p, _), v in zip(ids, values, strict=True) if v is not None}
 
+    async def producer_event_id(self, producer_id: str) -> str | None:
+        """The id of the event first stored with producer id `producer_id` within retention, or None."""
+        values = await self._get_many([self.keys.dedup_key(k, producer_id) for k in range(self.shards)])
+        for shard, value in enumerate(values):
+            if value is not None:
+                return positions.event_id(shard, _text(value, "replace"), self.shards)
+        return None
+
     async def _get_many(self, keys: list[str]) -> list[Any]:
         if not self.keys.cluster:
             return list(await self.redis.mget(keys))

@@ -69,6 +69,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         logger.info("partitions assigned", extra={"partitions": sorted(str(tp) for tp in assigned)})
+        self.service.own(assigned)
 
 
 class _Stopping(Exception):
@@ -97,7 +98,10 @@ class IngestService:
         self.redis: aioredis.Redis | None = None
         self.store: EventStore | None = None
         self._stop = asyncio.Event()
-        self._done: dict[TopicPartition, int] = {}  # next offset to make durable, per partition handled
+        self._done: dict[TopicPartition, int] = {}  # next offset to make durable, per partition owned
+        # The partitions this consumer owns, from the rebalance listener: none while a rebalance is in progress,
+        # when aiokafka's assignment() still lists the partitions just revoked.
+        self._owned: set[TopicPartition] = set()
         self.ready = False
         self.running = False
 
@@ -140,8 +144,13 @@ class IngestService:
         if client is not None:
             await client.aclose()
 
+    def own(self, partitions: set[TopicPartition]) -> None:
+        """The partitions a rebalance gave this consumer."""
+        self._owned = set(partitions)
+
     def forget(self, partitions: set[TopicPartition]) -> None:
         """Partitions this consumer no longer owns: no lag figure, no progress kept."""
+        self._owned -= partitions
         for tp in partitions:
             self._done.pop(tp, None)
             with contextlib.suppress(KeyError):
@@ -234,7 +243,8 @@ class IngestService:
             )
             await self._one_by_one(work)
         offsets = {tp: messages[-1].offset + 1 for tp, messages in batch.items() if messages}
-        self._done.update(offsets)
+        # A batch in hand across a rebalance: progress on partitions given away meanwhile is the new owner's.
+        self._done.update({tp: offset for tp, offset in offsets.items() if tp in self._owned})
         await self._commit(offsets)
         metrics.CONSUMER_BATCH_SECONDS.observe(time.perf_counter() - started)
 
@@ -381,13 +391,14 @@ class IngestService:
             if consumer is None:
                 continue
             try:
-                assigned = consumer.assignment()
-                if not assigned:
+                owned = list(self._owned)
+                if not owned:
                     continue
-                ends = await consumer.end_offsets(list(assigned))
+                ends = await consumer.end_offsets(owned)
                 for tp, end in ends.items():
                     done = await self._durable_position(tp)
-                    if tp in consumer.assignment():
+                    # Still ours after the awaits: a figure for a partition given away would never be removed.
+                    if tp in self._owned:
                         metrics.CONSUMER_LAG.labels(tp.topic, tp.partition).set(max(0, end - done))
             except (KafkaError, IllegalStateError) as exc:
                 logger.debug("lag not refreshed: %r", exc)

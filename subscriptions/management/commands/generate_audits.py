@@ -250,14 +250,18 @@ def _grants(rng: random.Random, pairs: dict[tuple[str, str], datetime]) -> int:
     for (user, pi), first_opened in pairs.items():
         granted_at = first_opened - timedelta(minutes=rng.uniform(1, 600))
         revoked = rng.random() < 0.1
+        granted_by = f"kafka engine-connect/0/{rng.randrange(10**6)}"
+        revoked_at = granted_at + timedelta(days=rng.uniform(1, 20)) if revoked else None
         grants.append(
             Grant(
                 user=user,
                 process_instance=pi,
                 granted_at=granted_at,
-                granted_by=f"kafka engine-connect/0/{rng.randrange(10**6)}",
+                recorded_at=granted_at,
+                granted_by=granted_by,
                 source=Grant.Source.KAFKA,
-                revoked_at=granted_at + timedelta(days=rng.uniform(1, 20)) if revoked else None,
+                revoked_at=revoked_at,
+                revoke_recorded_at=revoked_at,
                 revoked_by=f"kafka engine-connect/0/{rng.randrange(10**6)}" if revoked else "",
             )
         )
