@@ -286,6 +286,11 @@ class System:
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the web process has used so far."""
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
     async def stop(self) -> None:
         if self.gateway is not None:
             await self.gateway.stop()
@@ -487,7 +492,13 @@ def flat(result: dict[str, Any]) -> dict[str, Any]:
             )
     if "c" in result:
         c = result["c"]
-        out.update(c_streams=c["streams"], c_kb_per_stream=c["kb_per_stream"], c_connect_s=c["connect_s"])
+        out.update(
+            c_streams=c["streams"],
+            c_kb_per_stream=c["kb_per_stream"],
+            c_connect_s=c["connect_s"],
+            c_web_cpu_ms_per_connect=c.get("web_cpu_ms_per_connect"),
+            c_threads_after=c["threads_after"],
+        )
     if "d" in result:
         d = result["d"]
         out.update(

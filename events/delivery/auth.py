@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, TypeVar
@@ -15,9 +17,15 @@ import jwt
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.auth import get_user, get_user_model
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user, get_user_model
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import Permission
+from django.contrib.sessions.backends.base import SessionBase
+from django.core.exceptions import ValidationError
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
+from django.db.models import Exists, OuterRef
 from django.http import HttpRequest
+from django.utils.crypto import constant_time_compare
 
 from events.core import routing
 
@@ -78,26 +86,44 @@ def _jwks_client() -> jwt.PyJWKClient:
 def _signing_key(token: str) -> object:
     """The key to check `token` with: from the JWKS endpoint when the token names a `kid` and one is
     configured, else the configured public key or secret."""
+    configured = settings.JWT_PUBLIC_KEY or settings.JWT_SECRET
+    if not settings.JWT_JWKS_URL:
+        return configured
     try:
         kid = jwt.get_unverified_header(token).get("kid")
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"invalid bearer token: {exc}") from exc
-    if settings.JWT_JWKS_URL and (kid or not (settings.JWT_PUBLIC_KEY or settings.JWT_SECRET)):
+    if kid or not configured:
         try:
             return _jwks_client().get_signing_key_from_jwt(token).key
         except jwt.PyJWKClientConnectionError as exc:
             raise AuthUnavailable(f"the JWKS endpoint cannot be reached: {exc}") from exc
         except jwt.PyJWKClientError as exc:
             raise AuthError(f"invalid bearer token: {exc}") from exc
-    return settings.JWT_PUBLIC_KEY or settings.JWT_SECRET
+    return configured
+
+
+def _key_checking_once(decoder: jwt.PyJWT) -> jwt.PyJWT:
+    """`decoder` with each algorithm's key preparation remembered per key. Preparing the configured key
+    (parsing a PEM key; for HMAC, checking that the secret is not an asymmetric key) cost as much as
+    checking the signature itself, on every token; the result depends on the key alone."""
+    jws = decoder._jws  # PyJWT offers no public way to give a decoder algorithms of its own
+    for name in jwt.algorithms.get_default_algorithms():
+        algorithm = jws.get_algorithm_by_name(name)
+        # A handful of keys at most: the configured one and the JWKS keys in rotation.
+        algorithm.prepare_key = functools.lru_cache(maxsize=8)(algorithm.prepare_key)  # type: ignore[method-assign]
+    return decoder
+
+
+_decoder = _key_checking_once(jwt.PyJWT())
 
 
 def _decode(token: str) -> dict[str, object]:
-    """Check `token` (sync: fetching JWKS keys is blocking I/O). `exp` is required: a stream opened with a
-    token lives no longer than the token."""
+    """Check `token` fully: signature, `exp` (required: a stream opened with a token lives no longer than
+    the token), audience and issuer when configured. Sync: fetching JWKS keys is blocking I/O."""
     key = _signing_key(token)
     try:
-        return jwt.decode(
+        return _decoder.decode(
             token,
             key=key,  # type: ignore[arg-type]
             algorithms=settings.JWT_ALGORITHMS,
@@ -126,35 +152,189 @@ class Credentials:
 # request's own: a stream lives for hours, and a thread held per stream costs more than the stream.
 
 
-# A reconnect storm (a web process restarting under 10,000 streams) would otherwise cost a user lookup
-# and two permission queries per stream. Deactivation or a permission change takes effect within this.
+# --- accounts: what opening a stream needs to know of a user --------------------------------------------
+# A user's account is read from the database at most once per USER_CACHE_SECONDS per web process, so that
+# a reconnect storm (a web process restarting under 10,000 streams) costs one query per user, not three per
+# stream. The bound this puts on changes, for streams opened afterwards (open streams are not affected):
+# deactivating a user, changing their password (which ends their sessions) or their permissions takes
+# effect within USER_CACHE_SECONDS. Logging out takes effect at once (the session is looked up every time);
+# grants are read on every open.
 USER_CACHE_SECONDS = 30.0
-_user_cache: dict[str, tuple[float, bool, bool]] = {}
+MAX_CACHED_ACCOUNTS = 100_000
 
 
-def _token_user(username: str) -> tuple[bool, bool]:
-    """Match or create the token's user: (is active, may follow every process instance)."""
-    cached = _user_cache.get(username)
-    if cached is not None and cached[0] > time.monotonic():
-        return cached[1], cached[2]
+@dataclass(frozen=True, slots=True)
+class Account:
+    user_id: Any
+    username: str
+    active: bool
+    view_all: bool  # may follow every process instance
+    session_hash: str  # what a session of this user must carry (Django's get_session_auth_hash)
+
+
+class _Cache:
+    """Values by key for USER_CACHE_SECONDS, read in the event loop without a thread hop; one load in flight
+    per key (streams of one user reconnecting together wait for the same query)."""
+
+    def __init__(self) -> None:
+        self._values: dict[Hashable, tuple[float, Account]] = {}
+        self._loading: dict[Hashable, asyncio.Future[Account | None]] = {}
+
+    def get(self, key: Hashable) -> Account | None:
+        found = self._values.get(key)
+        if found is None:
+            return None
+        if found[0] <= time.monotonic():
+            del self._values[key]
+            return None
+        return found[1]
+
+    def put(self, account: Account) -> None:
+        if len(self._values) >= MAX_CACHED_ACCOUNTS:
+            now = time.monotonic()
+            self._values = {k: v for k, v in self._values.items() if v[0] > now}
+            if len(self._values) >= MAX_CACHED_ACCOUNTS:
+                self._values.clear()
+        expires = time.monotonic() + USER_CACHE_SECONDS
+        self._values[("name", account.username)] = (expires, account)
+        self._values[("id", account.user_id)] = (expires, account)
+
+    async def load(self, key: Hashable, load: Callable[[], Awaitable[Account | None]]) -> Account | None:
+        """The cached account for `key`, else `load()`'s (shared with concurrent callers; cached if found)."""
+        cached = self.get(key)
+        if cached is not None:
+            return cached
+        loop = asyncio.get_running_loop()
+        pending = self._loading.get(key)
+        if pending is not None and pending.get_loop() is loop:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this caller was cancelled
+                # The caller that was loading went away (its client left) before the answer: load here.
+        future: asyncio.Future[Account | None] = loop.create_future()
+        self._loading[key] = future
+        try:
+            account = await load()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: the callers waiting get it raised; none waiting is fine too
+            raise
+        finally:
+            if self._loading.get(key) is future:
+                del self._loading[key]
+        if account is not None:
+            self.put(account)
+        future.set_result(account)
+        return account
+
+    def clear(self) -> None:
+        self._values.clear()
+
+
+_accounts = _Cache()
+
+
+def _view_all_codename() -> tuple[str, str]:
+    app_label, _, codename = VIEW_ALL.partition(".")
+    return app_label, codename
+
+
+def _account_of(user: AbstractBaseUser, *, view_all: bool | None = None) -> Account:
+    if view_all is None:
+        view_all = bool(user.is_active and user.has_perm(VIEW_ALL))  # type: ignore[attr-defined]
+    return Account(
+        user_id=user.pk,
+        username=user.get_username(),
+        active=bool(user.is_active),
+        view_all=view_all,
+        session_hash=user.get_session_auth_hash(),
+    )
+
+
+def _with_view_all(queryset: Any) -> Any:
+    """Annotate users with whether they hold VIEW_ALL, in the same query (Django's has_perm takes two
+    more). Only for the model backend's rules: superuser, the user's own permissions, their groups'."""
+    app_label, codename = _view_all_codename()
+    held = Permission.objects.filter(content_type__app_label=app_label, codename=codename)
+    return queryset.annotate(
+        _perm_direct=Exists(held.filter(user=OuterRef("pk"))),
+        _perm_group=Exists(held.filter(group__user=OuterRef("pk"))),
+    )
+
+
+_MODEL_BACKEND = "django.contrib.auth.backends.ModelBackend"
+
+
+def _load_by_username(username: str) -> Account:
+    """Match or create a token's user: one query for a known user."""
     with _reconnecting():
-        user, _ = get_user_model().objects.get_or_create(username=username)
-        found = (user.is_active, user.is_active and user.has_perm(VIEW_ALL))
-    if len(_user_cache) > 100_000:
-        _user_cache.clear()
-    _user_cache[username] = (time.monotonic() + USER_CACHE_SECONDS, *found)
-    return found
+        users = get_user_model().objects
+        if list(settings.AUTHENTICATION_BACKENDS) == [_MODEL_BACKEND]:
+            found = _with_view_all(users.filter(username=username)).first()
+            if found is not None:
+                view_all = found.is_active and (found.is_superuser or found._perm_direct or found._perm_group)
+                return _account_of(found, view_all=bool(view_all))
+        user, _ = users.get_or_create(username=username)
+        return _account_of(user)
 
 
-def _session_user(session_key: str) -> tuple[str, bool] | None:
-    """The logged-in user of a session (Django's own checks, session hash included), or None."""
+async def token_account(username: str) -> Account:
+    """The account of a token's (or ticket's) user, created on first sight."""
+    load = sync_to_async(functools.partial(_load_by_username, username), thread_sensitive=False)
+    account = await _accounts.load(("name", username), load)
+    assert account is not None
+    return account
+
+
+@dataclass(frozen=True, slots=True)
+class _SessionClaim:
+    store: SessionBase
+    user_id: Any
+    backend: str
+    session_hash: str
+
+
+def _read_session(session_key: str) -> _SessionClaim | None:
+    """A session's data (with the cached_db engine, from Redis; the database only when not cached there)."""
+    with _reconnecting():
+        store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+        try:
+            user_id = get_user_model()._meta.pk.to_python(store[SESSION_KEY])
+            backend = store[BACKEND_SESSION_KEY]
+        except (KeyError, ValidationError):
+            return None
+        return _SessionClaim(store, user_id, backend, store.get(HASH_SESSION_KEY) or "")
+
+
+def _session_user(store: SessionBase) -> Account | None:
+    """Django's own checks of a session's user (backend, active, session hash and its fallbacks)."""
     with _reconnecting():
         request = HttpRequest()
-        request.session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+        request.session = store
         user = get_user(request)
         if not user.is_authenticated or not user.is_active:
             return None
-        return user.get_username(), user.has_perm(VIEW_ALL)
+        return _account_of(user)
+
+
+async def session_account(session_key: str) -> Account | None:
+    """The active user logged in by a session, or None. The session is read every time (logging out takes
+    effect at once); its user's account comes from the cache when the session's hash matches it."""
+    claim = await sync_to_async(_read_session, thread_sensitive=False)(session_key)
+    if claim is None or claim.backend not in settings.AUTHENTICATION_BACKENDS:
+        return None
+    cached = _accounts.get(("id", claim.user_id))
+    if cached is not None and cached.active and constant_time_compare(claim.session_hash, cached.session_hash):
+        return cached
+    account = await sync_to_async(_session_user, thread_sensitive=False)(claim.store)
+    if account is not None:
+        _accounts.put(account)
+    return account
 
 
 @contextlib.contextmanager
@@ -192,16 +372,16 @@ async def from_bearer(token: str) -> Identity:
     username = claims.get(settings.JWT_USER_CLAIM)
     if not isinstance(username, str) or not username or len(username) > 150:
         raise AuthError(f"bearer token has no usable {settings.JWT_USER_CLAIM!r} claim")
-    active, view_all = await sync_to_async(_token_user, thread_sensitive=False)(username)
-    if not active:
+    account = await token_account(username)
+    if not account.active:
         raise AuthError("user is inactive")
     exp = claims.get("exp")
-    return Identity(username, "bearer", float(exp) if isinstance(exp, int | float) else None, view_all)
+    return Identity(username, "bearer", float(exp) if isinstance(exp, int | float) else None, account.view_all)
 
 
 async def from_session(session_key: str) -> Identity | None:
-    found = await sync_to_async(_session_user, thread_sensitive=False)(session_key)
-    return Identity(found[0], "session", None, found[1]) if found else None
+    account = await session_account(session_key)
+    return Identity(account.username, "session", None, account.view_all) if account else None
 
 
 async def authenticate(credentials: Credentials, *, allow_ticket: bool, redis: aioredis.Redis) -> Identity | None:
@@ -241,7 +421,7 @@ async def redeem_ticket(redis: aioredis.Redis, ticket: str) -> Identity:
     if raw is None:
         raise AuthError("ticket unknown, expired or already used")
     value = json.loads(raw)
-    active, view_all = await sync_to_async(_token_user, thread_sensitive=False)(value["user"])
-    if not active:
+    account = await token_account(value["user"])
+    if not account.active:
         raise AuthError("user is inactive")
-    return Identity(value["user"], "ticket", value.get("expires_at"), view_all)
+    return Identity(value["user"], "ticket", value.get("expires_at"), account.view_all)
