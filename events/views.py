@@ -1,4 +1,4 @@
-"""Thin async views: POST /api/events/tickets. (GET /api/events/stream is events/delivery/endpoint.py.)"""
+"""Thin async views: GET /api/events/stream (events/delivery/endpoint.py) and POST /api/events/tickets."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonRespons
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
+from events.delivery import endpoint
 from events.delivery.auth import AuthError, AuthUnavailable, Credentials, Identity, authenticate, issue_ticket
 from events.delivery.hub import get_hub
 from events.ops import metrics
@@ -17,6 +18,13 @@ from events.ops import metrics
 def error(status: int, message: str) -> JsonResponse:
     metrics.STREAMS_REFUSED.labels(str(status)).inc()
     return JsonResponse({"error": message}, status=status)
+
+
+@endpoint.threadless
+async def stream(request: HttpRequest) -> HttpResponseBase:
+    """Served without a thread of its own, middleware or sync signals (gateway_project/asgi.py): it lives
+    as long as the client stays, and does its own host, CORS and authentication checks."""
+    return await endpoint.respond(request)
 
 
 @csrf_exempt

@@ -53,7 +53,8 @@ async def run(bench: Bench, system: System) -> dict[str, Any]:
     out["close_s"] = round(close_s, 2)
     log(
         f"  (c) {system.name}: {out['streams']} idle streams connected in {out['connect_s']} s "
-        f"({out['failed']} failed; web CPU {out['connect_web_cpu_s']} s = {out['web_cpu_ms_per_connect']} ms/connect), RSS {out['rss_before_mb']} -> {out['rss_after_mb']} MB = "
+        f"({out['failed']} failed; web CPU {out['connect_web_cpu_s']} s = {out['web_cpu_ms_per_connect']} ms/connect), "
+        f"RSS {out['rss_before_mb']} -> {out['rss_after_mb']} MB = "
         f"{out['kb_per_stream']} KB/stream, threads {threads_before} -> {threads_after}; "
         f"all closed on the server after {out['close_s']} s; "
         f"CPU% while connecting {cpu_text(connect_cpu)}"

@@ -104,15 +104,31 @@ def _signing_key(token: str) -> object:
 
 
 def _key_checking_once(decoder: jwt.PyJWT) -> jwt.PyJWT:
-    """`decoder` with each algorithm's key preparation remembered per key. Preparing the configured key
-    (parsing a PEM key; for HMAC, checking that the secret is not an asymmetric key) cost as much as
-    checking the signature itself, on every token; the result depends on the key alone."""
+    """`decoder` with each algorithm's preparation of a configured key (str or bytes) remembered per key.
+    Preparing it (parsing a PEM key; for HMAC, checking that the secret is not an asymmetric key) cost as
+    much as checking the signature itself, on every token; the result depends on the key alone. Key
+    objects (from JWKS) are prepared already and pass through."""
     jws = decoder._jws  # PyJWT offers no public way to give a decoder algorithms of its own
     for name in jwt.algorithms.get_default_algorithms():
         algorithm = jws.get_algorithm_by_name(name)
-        # A handful of keys at most: the configured one and the JWKS keys in rotation.
-        algorithm.prepare_key = functools.lru_cache(maxsize=8)(algorithm.prepare_key)  # type: ignore[method-assign]
+        algorithm.prepare_key = _remembered(algorithm.prepare_key)  # type: ignore[method-assign,assignment]
     return decoder
+
+
+def _remembered(prepare: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    prepared: dict[str | bytes, Any] = {}
+
+    def prepare_key(key: Any) -> Any:
+        if not isinstance(key, str | bytes):
+            return prepare(key)
+        found = prepared.get(key)
+        if found is None:
+            found = prepare(key)  # a key it refuses raises, and is not remembered
+            if len(prepared) < 8:  # the configured key; a settings change in tests adds a few
+                prepared[key] = found
+        return found
+
+    return prepare_key
 
 
 _decoder = _key_checking_once(jwt.PyJWT())
