@@ -22,6 +22,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
 django.setup(set_prefix=False)
 
 from events.delivery import daphne, endpoint  # noqa: E402 - needs Django set up first
+from events.ops import metrics  # noqa: E402
 from gateway_project import ops  # noqa: E402
 
 logger = logging.getLogger("django.request")
@@ -115,6 +116,7 @@ def _threadless_match(script_prefix: str, path: str) -> ResolverMatch | None:
     return match if getattr(match.func, "threadless", False) else None
 
 
+metrics.count_database_queries()
 # The server is daphne: its specifics (slow-client probe, graceful shutdown, access log) in one adapter.
 daphne.install(json_access_log=settings.LOG_FORMAT == "json")
 django_application = GatewayASGIHandler(probe_for=daphne.probe_for)

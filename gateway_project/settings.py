@@ -95,6 +95,19 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 LOGIN_URL = "/admin/login/"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+# Django's cache lives in the same Redis, and sessions are read from it: the database is asked only for a
+# session not cached there (written at login, on every save, and on a miss), so a reconnect storm of
+# session-cookie streams does not land on the database. Logging out deletes the session from both.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "events-gateway:cache",
+        # Executor threads wait on it: a Redis that does not answer must not hold them (as the hub's client).
+        "OPTIONS": {"socket_timeout": 5, "socket_connect_timeout": 2},
+    }
+}
+SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
 CHANNEL_LAYERS = {
     "default": {
         # The pub/sub layer: one PUBLISH per announcement whatever the number of web processes,

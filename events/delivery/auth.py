@@ -290,13 +290,28 @@ def _load_by_username(username: str) -> Account:
     """Match or create a token's user: one query for a known user."""
     with _reconnecting():
         users = get_user_model().objects
-        if list(settings.AUTHENTICATION_BACKENDS) == [_MODEL_BACKEND]:
+        if _model_backend_only():
             found = _with_view_all(users.filter(username=username)).first()
             if found is not None:
-                view_all = found.is_active and (found.is_superuser or found._perm_direct or found._perm_group)
-                return _account_of(found, view_all=bool(view_all))
+                return _annotated_account(found)
         user, _ = users.get_or_create(username=username)
         return _account_of(user)
+
+
+def _load_by_id(user_id: Any) -> Account | None:
+    """A session's user by id, in one query; None if there is no such user."""
+    with _reconnecting():
+        found = _with_view_all(get_user_model().objects.filter(pk=user_id)).first()
+        return _annotated_account(found) if found is not None else None
+
+
+def _model_backend_only() -> bool:
+    return list(settings.AUTHENTICATION_BACKENDS) == [_MODEL_BACKEND]
+
+
+def _annotated_account(user: Any) -> Account:
+    view_all = user.is_active and (user.is_superuser or user._perm_direct or user._perm_group)
+    return _account_of(user, view_all=bool(view_all))
 
 
 async def token_account(username: str) -> Account:
@@ -340,13 +355,18 @@ def _session_user(store: SessionBase) -> Account | None:
 
 async def session_account(session_key: str) -> Account | None:
     """The active user logged in by a session, or None. The session is read every time (logging out takes
-    effect at once); its user's account comes from the cache when the session's hash matches it."""
+    effect at once); its user's account comes from the cache (or one query) when the session's hash matches
+    it, else from Django's own checks (which also accept a hash made with a SECRET_KEY_FALLBACKS key)."""
     claim = await sync_to_async(_read_session, thread_sensitive=False)(session_key)
     if claim is None or claim.backend not in settings.AUTHENTICATION_BACKENDS:
         return None
-    cached = _accounts.get(("id", claim.user_id))
-    if cached is not None and cached.active and constant_time_compare(claim.session_hash, cached.session_hash):
-        return cached
+    if claim.backend == _MODEL_BACKEND and claim.session_hash:
+        load = sync_to_async(functools.partial(_load_by_id, claim.user_id), thread_sensitive=False)
+        account = await _accounts.load(("id", claim.user_id), load)
+        if account is None or not account.active:
+            return None
+        if constant_time_compare(claim.session_hash, account.session_hash):
+            return account
     account = await sync_to_async(_session_user, thread_sensitive=False)(claim.store)
     if account is not None:
         _accounts.put(account)

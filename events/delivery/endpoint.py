@@ -12,6 +12,7 @@ database work on the shared executor, and answers with the stream.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import ipaddress
@@ -48,6 +49,12 @@ PATH = "/api/events/stream"
 MAX_PROCESS_INSTANCES = 20
 # Where the project's ASGI handler puts the server adapter's socket probe for a threadless view.
 PROBE_SCOPE_KEY = "events_gateway.socket_probe"
+# Streams opening at once in this process; more wait their turn. Opening holds a connection of the hub's
+# Redis pool (redis-py's, 100 connections, refuses rather than waits when all are taken) for the slot claim
+# and the replay: 1,000 streams reconnecting together after a web process died took them all, and most
+# were told to retry. Half the pool leaves the rest to the hub's reader, ticker and audit writer.
+OPENING_AT_ONCE = 50
+_opening: asyncio.Semaphore | None = None
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 View = TypeVar("View", bound=Callable[..., Coroutine[Any, Any, HttpResponseBase]])
 
@@ -166,8 +173,18 @@ async def respond(request: HttpRequest) -> HttpResponseBase:
     if cors.is_preflight(stream_request.method, PATH, "access-control-request-method" in stream_request.headers):
         return _response(204, b"", "text/plain", cors.preflight_headers(origin))
     cors_headers = cors.response_headers(origin)
+    global _opening  # noqa: PLW0603 - one gate per process, made in its event loop
+    if _opening is None:
+        _opening = asyncio.Semaphore(OPENING_AT_ONCE)
+    async with _opening:
+        return await _respond_opening(stream_request, request.scope.get(PROBE_SCOPE_KEY), cors_headers)
+
+
+async def _respond_opening(
+    stream_request: StreamRequest, probe: SocketProbe | None, cors_headers: dict[str, str]
+) -> HttpResponseBase:
     try:
-        stream = await _open(stream_request, probe=request.scope.get(PROBE_SCOPE_KEY))
+        stream = await _open(stream_request, probe=probe)
     except Refused as refusal:
         metrics.STREAMS_REFUSED.labels(str(refusal.status)).inc()
         refused = json.dumps({"error": str(refusal)}).encode()
