@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
 import django
@@ -15,7 +15,7 @@ from django.conf import settings
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
-from django.http import HttpResponseBase, JsonResponse
+from django.http import JsonResponse
 from django.urls import Resolver404, ResolverMatch, get_resolver, set_script_prefix
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
@@ -65,6 +65,7 @@ class GatewayASGIHandler(ASGIHandler):
         probe = self.probe_for(send) if self.probe_for is not None else None
         request, error_response = self.create_request({**scope, endpoint.PROBE_SCOPE_KEY: probe}, body_file)
         body_file.close()  # a stream request has no body worth keeping for the stream's life
+        del body_file
         if request is None:
             assert error_response is not None
             await self.send_response(error_response, send)
@@ -72,9 +73,9 @@ class GatewayASGIHandler(ASGIHandler):
         request.resolver_match = match
         this = asyncio.current_task()
         assert this is not None
-        gone = asyncio.Event()
+        gone: list[bool] = []  # set by the watcher before it cancels this task
         watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, this, gone))
-        response: HttpResponseBase | None = None
+        body: AsyncGenerator[bytes, None] | None = None
         try:
             try:
                 response = await match.func(request, *match.args, **match.kwargs)
@@ -82,25 +83,41 @@ class GatewayASGIHandler(ASGIHandler):
                 logger.exception("the threadless view %s failed", match.view_name)
                 response = JsonResponse({"error": "internal error"}, status=500)
             del request  # what the stream needs it has taken; the request is not kept for the stream's life
-            assert response is not None
-            await self.send_response(response, send)
+            if isinstance(response, endpoint.StreamResponse):
+                # Sent here, so that the response object itself (its headers, cookies, the generators
+                # wrapping its content) is let go once the head is out: only the stream's body stays.
+                body, first = response.body, response.first
+                start = {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()],
+                }
+                del response
+                await send(start)
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+                del start, first
+                async for chunk in body:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                await self.send_response(response, send)
         except asyncio.CancelledError:
-            if not gone.is_set():
+            if not gone:
                 raise
             this.uncancel()  # the client left: the view and its response were cancelled for that alone
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            if isinstance(response, endpoint.StreamResponse):
-                await response.end()
+            if body is not None:
+                await body.aclose()
 
 
-async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any], gone: asyncio.Event) -> None:
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any], gone: list[bool]) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            gone.set()
+            gone.append(True)
             task.cancel()
             return
 

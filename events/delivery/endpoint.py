@@ -266,11 +266,13 @@ async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
 
 
 class StreamResponse(StreamingHttpResponse):
-    """An open stream's response: its first chunk, then the stream's body. `end()` ends the stream if the
-    response was not (or not wholly) sent, which the ASGI handler calls once it is done with it."""
+    """An open stream's response: its first chunk (`first`), then the stream's body (`body`). Any ASGI handler
+    can send it as a streaming response; the project's handler sends `first` and `body` itself, keeping
+    nothing else for the stream's life, and closes `body` once done, whether or not it was sent."""
 
     def __init__(self, first: bytes, body: AsyncGenerator[bytes, None], headers: dict[str, str]) -> None:
-        self._body = body
+        self.first = first
+        self.body = body
         super().__init__(self._chunks(first, body), content_type=_SSE_TYPE, headers=headers)
 
     @staticmethod
@@ -279,9 +281,6 @@ class StreamResponse(StreamingHttpResponse):
             yield first
             async for chunk in body:
                 yield chunk
-
-    async def end(self) -> None:
-        await self._body.aclose()
 
 
 def _ask_to_retry(cors: dict[str, str], why: str) -> HttpResponse:
