@@ -7,8 +7,10 @@ The scenario is tests/storm.py, which bench/workloads/e_reconnect_storm.py runs 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
+import psutil
 import pytest
 import pytest_asyncio
 from asgiref.sync import sync_to_async
@@ -16,7 +18,8 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 
 from scripts.embedded import KafkaBroker, RedisServer
-from tests.harness import Gateway, Layout, running
+from tests.harness import Gateway, Layout, running, token
+from tests.sse_client import open_stream
 from tests.storm import Plan, run_storm
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.incidental_db, pytest.mark.slow]
@@ -58,3 +61,21 @@ async def test_streams_of_a_killed_web_process_resume_exactly_on_the_other(two_w
     assert out["deliveries_received"] == out["deliveries_expected"] > 0
     # 100 streams came back on sessions and 100 on tokens: at most one query per user, not one per stream.
     assert out["survivor_queries"] <= PLAN.users, out
+
+
+async def test_open_streams_hold_no_thread_of_their_own(gateway: Gateway) -> None:
+    """The stream is a Django view, but served without the thread Django gives each request for its life."""
+    web = psutil.Process(gateway.webs[0].proc.pid)
+    warm = await open_stream(gateway.url, token=token("threads-warm"))  # the hub and executor threads start
+    assert warm.status == 200
+    assert await warm.next_block() is not None
+    before = web.num_threads()
+    streams = await asyncio.gather(*(open_stream(gateway.url, token=token(f"threads-{i % 20}")) for i in range(100)))
+    try:
+        assert [s.status for s in streams] == [200] * 100
+        for stream in streams:
+            assert await stream.next_block() is not None  # the stream's first block: it is open
+        # The database executor may still grow to its few threads; a thread per stream would be 100 more.
+        assert web.num_threads() - before < 10
+    finally:
+        await asyncio.gather(warm.close(), *(s.close() for s in streams))
