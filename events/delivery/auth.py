@@ -169,6 +169,14 @@ class Credentials:
 # request's own: a stream lives for hours, and a thread held per stream costs more than the stream.
 
 
+def _call(function: Callable[..., T], *args: Any) -> T:
+    return function(*args)
+
+
+# Made once: building a sync_to_async wrapper costs more than the cache lookup it would guard.
+_in_executor = sync_to_async(_call, thread_sensitive=False)
+
+
 # --- accounts: what opening a stream needs to know of a user --------------------------------------------
 # A user's account is read from the database at most once per USER_CACHE_SECONDS per web process, so that
 # a reconnect storm (a web process restarting under 10,000 streams) costs one query per user, not three per
@@ -317,8 +325,7 @@ def _annotated_account(user: Any) -> Account:
 
 async def token_account(username: str) -> Account:
     """The account of a token's (or ticket's) user, created on first sight."""
-    load = sync_to_async(functools.partial(_load_by_username, username), thread_sensitive=False)
-    account = await _accounts.load(("name", username), load)
+    account = await _accounts.load(("name", username), functools.partial(_in_executor, _load_by_username, username))
     assert account is not None
     return account
 
@@ -368,17 +375,18 @@ async def session_account(session_key: str) -> Account | None:
     """The active user logged in by a session, or None. The session is read every time (logging out takes
     effect at once); its user's account comes from the cache (or one query) when the session's hash matches
     it, else from Django's own checks (which also accept a hash made with a SECRET_KEY_FALLBACKS key)."""
-    claim = await sync_to_async(_read_session, thread_sensitive=False)(session_key)
+    claim = await _in_executor(_read_session, session_key)
     if claim is None or claim.backend not in settings.AUTHENTICATION_BACKENDS:
         return None
     if claim.backend == _MODEL_BACKEND and claim.session_hash:
-        load = sync_to_async(functools.partial(_load_by_id, claim.user_id), thread_sensitive=False)
-        account = await _accounts.load(("id", claim.user_id), load)
+        account = await _accounts.load(
+            ("id", claim.user_id), functools.partial(_in_executor, _load_by_id, claim.user_id)
+        )
         if account is None or not account.active:
             return None
         if constant_time_compare(claim.session_hash, account.session_hash):
             return account
-    account = await sync_to_async(_session_user, thread_sensitive=False)(claim.store)
+    account = await _in_executor(_session_user, claim.store)
     if account is not None:
         _accounts.put(account)
     return account
@@ -413,7 +421,7 @@ async def from_bearer(token: str) -> Identity:
     if not bearer_enabled():
         raise AuthError("bearer authentication is not configured")
     if settings.JWT_JWKS_URL:
-        claims = await sync_to_async(_decode, thread_sensitive=False)(token)
+        claims = await _in_executor(_decode, token)
     else:
         claims = _decode(token)
     username = claims.get(settings.JWT_USER_CLAIM)
