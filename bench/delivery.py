@@ -120,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--storm-streams", type=int, help="streams in (e) (default 1,000)")
     parser.add_argument("--storm-users", type=int, help="users of the streams in (e), half on sessions (default 500)")
     parser.add_argument("--clients", type=int, help="SSE client worker processes (default 1)")
+    parser.add_argument("--connect-concurrency", type=int, help="connections opening at once in (a)-(c) (default 50)")
     parser.add_argument(
         "--fetch-max-wait-ms",
         type=int,
@@ -141,6 +142,7 @@ def scale_from(args: argparse.Namespace) -> Scale:
         "idle_streams": args.idle_streams,
         "cycles": args.cycles,
         "clients": args.clients,
+        "connect_concurrency": args.connect_concurrency,
         "idle_users": args.idle_users,
         "storm_streams": args.storm_streams,
         "storm_users": args.storm_users,
