@@ -179,11 +179,11 @@ _in_executor = sync_to_async(_call, thread_sensitive=False)
 
 # --- accounts: what opening a stream needs to know of a user --------------------------------------------
 # A user's account is read from the database at most once per USER_CACHE_SECONDS per web process, so that
-# a reconnect storm (a web process restarting under 10,000 streams) costs one query per user, not three per
-# stream. The bound this puts on changes, for streams opened afterwards (open streams are not affected):
-# deactivating a user, changing their password (which ends their sessions) or their permissions takes
-# effect within USER_CACHE_SECONDS. Logging out takes effect at once (the session is looked up every time);
-# grants are read on every open.
+# a reconnect storm (a web process restarting under 10,000 streams) costs one query per user, not three or
+# four per stream. The bound this puts on changes, for streams opened afterwards (open streams are not
+# affected): deactivating a user, changing their password (which ends their sessions) or their permissions
+# takes effect within USER_CACHE_SECONDS. Logging out takes effect at once (the session is read every
+# time); grants are read on every open (docs/production.md, "Sessions, accounts and reconnect storms").
 USER_CACHE_SECONDS = 30.0
 MAX_CACHED_ACCOUNTS = 100_000
 
@@ -198,8 +198,8 @@ class Account:
 
 
 class _Cache:
-    """Values by key for USER_CACHE_SECONDS, read in the event loop without a thread hop; one load in flight
-    per key (streams of one user reconnecting together wait for the same query)."""
+    """Accounts by name and by id for USER_CACHE_SECONDS, read in the event loop without a thread hop; one
+    load in flight per key (streams of one user reconnecting together wait for the same query)."""
 
     def __init__(self) -> None:
         self._values: dict[Hashable, tuple[float, Account]] = {}
@@ -256,9 +256,6 @@ class _Cache:
             self.put(account)
         future.set_result(account)
         return account
-
-    def clear(self) -> None:
-        self._values.clear()
 
 
 _accounts = _Cache()
