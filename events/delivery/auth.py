@@ -198,12 +198,10 @@ class Account:
 
 
 class _Cache:
-    """Accounts by name and by id for USER_CACHE_SECONDS, read in the event loop without a thread hop; one
-    load in flight per key (streams of one user reconnecting together wait for the same query)."""
+    """Accounts by name and by id for USER_CACHE_SECONDS, read in the event loop without a thread hop."""
 
     def __init__(self) -> None:
         self._values: dict[Hashable, tuple[float, Account]] = {}
-        self._loading: dict[Hashable, asyncio.Future[Account | None]] = {}
 
     def get(self, key: Hashable) -> Account | None:
         found = self._values.get(key)
@@ -224,38 +222,60 @@ class _Cache:
         self._values[("name", account.username)] = (expires, account)
         self._values[("id", account.user_id)] = (expires, account)
 
-    async def load(self, key: Hashable, load: Callable[[], Awaitable[Account | None]]) -> Account | None:
-        """The cached account for `key`, else `load()`'s (shared with concurrent callers; cached if found)."""
-        cached = self.get(key)
+
+# Accounts one query looks up at most (well within SQLite's and PostgreSQL's parameter limits).
+MAX_BATCH = 500
+
+
+class _Batches:
+    """Accounts missing from the cache, looked up together: while one query runs, the misses that arrive
+    wait, and the next query takes them all. A storm of streams of U users costs a few queries, not U; the
+    streams of one user wait for the same lookup."""
+
+    def __init__(self, kind: str, load_many: Callable[[list[Any]], dict[Any, Account]]) -> None:
+        self.kind = kind
+        self._load_many = load_many
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._futures: dict[Any, asyncio.Future[Account | None]] = {}
+        self._queued: list[Any] = []
+        self._lock = asyncio.Lock()
+
+    async def get(self, key: Any) -> Account | None:
+        """The account for `key` (cached, or looked up with others), None if there is none."""
+        cached = _accounts.get((self.kind, key))
         if cached is not None:
             return cached
         loop = asyncio.get_running_loop()
-        pending = self._loading.get(key)
-        if pending is not None and pending.get_loop() is loop:
-            try:
-                return await asyncio.shield(pending)
-            except asyncio.CancelledError:
-                if not pending.cancelled():
-                    raise  # this caller was cancelled
-                # The caller that was loading went away (its client left) before the answer: load here.
-        future: asyncio.Future[Account | None] = loop.create_future()
-        self._loading[key] = future
+        if self._loop is not loop:  # another event loop (tests run several): nothing pending carries over
+            self._loop, self._futures, self._queued, self._lock = loop, {}, [], asyncio.Lock()
+        future = self._futures.get(key)
+        if future is None:
+            future = self._futures[key] = loop.create_future()
+            self._queued.append(key)
+        while not future.done():
+            async with self._lock:
+                if not future.done():
+                    await self._run_batch()
+        return future.result()
+
+    async def _run_batch(self) -> None:
+        batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
         try:
-            account = await load()
+            found = await _in_executor(self._load_many, batch)
         except asyncio.CancelledError:
-            future.cancel()
+            self._queued[:0] = batch  # this caller's client left: the next waiter looks them up
             raise
-        except Exception as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: the callers waiting get it raised; none waiting is fine too
-            raise
-        finally:
-            if self._loading.get(key) is future:
-                del self._loading[key]
-        if account is not None:
-            self.put(account)
-        future.set_result(account)
-        return account
+        except Exception as exc:  # noqa: BLE001 - every waiter of the batch gets it raised
+            for key in batch:
+                future = self._futures.pop(key)
+                future.set_exception(exc)
+                future.exception()  # retrieved: its waiters raise it; a future nobody waits for is fine too
+            return
+        for key in batch:
+            account = found.get(key)
+            if account is not None:
+                _accounts.put(account)
+            self._futures.pop(key).set_result(account)
 
 
 _accounts = _Cache()
@@ -292,23 +312,26 @@ def _with_view_all(queryset: Any) -> Any:
 _MODEL_BACKEND = "django.contrib.auth.backends.ModelBackend"
 
 
-def _load_by_username(username: str) -> Account:
-    """Match or create a token's user: one query for a known user."""
+def _load_by_usernames(usernames: list[str]) -> dict[str, Account]:
+    """Match or create tokens' users: one query for those that exist."""
     with _reconnecting():
         users = get_user_model().objects
+        found: dict[str, Account] = {}
         if _model_backend_only():
-            found = _with_view_all(users.filter(username=username)).first()
-            if found is not None:
-                return _annotated_account(found)
-        user, _ = users.get_or_create(username=username)
-        return _account_of(user)
+            for user in _with_view_all(users.filter(username__in=usernames)):
+                found[user.get_username()] = _annotated_account(user)
+        for username in usernames:
+            if username not in found:
+                user, _ = users.get_or_create(username=username)
+                found[username] = _account_of(user)
+        return found
 
 
-def _load_by_id(user_id: Any) -> Account | None:
-    """A session's user by id, in one query; None if there is no such user."""
+def _load_by_ids(user_ids: list[Any]) -> dict[Any, Account]:
+    """Sessions' users by id, in one query; those that no longer exist are left out."""
     with _reconnecting():
-        found = _with_view_all(get_user_model().objects.filter(pk=user_id)).first()
-        return _annotated_account(found) if found is not None else None
+        users = _with_view_all(get_user_model().objects.filter(pk__in=user_ids))
+        return {user.pk: _annotated_account(user) for user in users}
 
 
 def _model_backend_only() -> bool:
@@ -320,9 +343,13 @@ def _annotated_account(user: Any) -> Account:
     return _account_of(user, view_all=bool(view_all))
 
 
+_by_name = _Batches("name", _load_by_usernames)
+_by_id = _Batches("id", _load_by_ids)
+
+
 async def token_account(username: str) -> Account:
     """The account of a token's (or ticket's) user, created on first sight."""
-    account = await _accounts.load(("name", username), functools.partial(_in_executor, _load_by_username, username))
+    account = await _by_name.get(username)
     assert account is not None
     return account
 
@@ -376,9 +403,7 @@ async def session_account(session_key: str) -> Account | None:
     if claim is None or claim.backend not in settings.AUTHENTICATION_BACKENDS:
         return None
     if claim.backend == _MODEL_BACKEND and claim.session_hash:
-        account = await _accounts.load(
-            ("id", claim.user_id), functools.partial(_in_executor, _load_by_id, claim.user_id)
-        )
+        account = await _by_id.get(claim.user_id)
         if account is None or not account.active:
             return None
         if constant_time_compare(claim.session_hash, account.session_hash):
