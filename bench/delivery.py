@@ -8,6 +8,8 @@ per workload (bench/workloads/), shared pieces in bench/support.py, the systems 
     (b) the same streams on one broadcast at 20 then 50 events/s: deliveries/s achieved, latency, loss
     (c) many idle streams: web-process RSS per stream and the time to connect them all
     (d) connect/disconnect cycles: web RSS and asyncio tasks before and after (no leaks)
+    (e) a reconnect storm: a web process killed under N streams (half on sessions), all resuming on a second
+        one: exact resume, no 5xx, the survivor's database queries per reconnect (gateway only)
 
 Systems, run one after the other in the same run so they never share the 2 cores:
     ours        the gateway as configured (AUDIT_DELIVERIES from --audit)
@@ -45,7 +47,13 @@ if str(ROOT) not in sys.path:  # run as a script (bench/delivery.py), not as -m 
 
 from bench import systems  # noqa: E402
 from bench.support import QUICK, RESULTS, Bench, Scale, System, flat, log  # noqa: E402
-from bench.workloads import a_user_streams, b_broadcast, c_idle_streams, d_connect_cycles  # noqa: E402
+from bench.workloads import (  # noqa: E402
+    a_user_streams,
+    b_broadcast,
+    c_idle_streams,
+    d_connect_cycles,
+    e_reconnect_storm,
+)
 
 
 async def run_system(bench: Bench, system: System, workloads: set[str], *, b_rates: tuple[int, ...]) -> dict[str, Any]:
@@ -92,7 +100,7 @@ def code_version() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small smoke run (100 streams, 5 s phases)")
-    parser.add_argument("--workloads", default="a,b,c,d", help="subset of a,b,c,d (default: all)")
+    parser.add_argument("--workloads", default="a,b,c,d,e", help="subset of a,b,c,d,e (default: all)")
     parser.add_argument(
         "--systems",
         default="ours,audit-off,core-layer,peer",
@@ -108,7 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--b-seconds", type=float, help="duration of each (b) phase")
     parser.add_argument("--idle-streams", type=int, help="streams in (c)")
     parser.add_argument("--cycles", type=int, help="connect/disconnect cycles in (d)")
+    parser.add_argument("--idle-users", type=int, help="users the streams of (c) belong to (default 1,000)")
+    parser.add_argument("--storm-streams", type=int, help="streams in (e) (default 1,000)")
+    parser.add_argument("--storm-users", type=int, help="users of the streams in (e), half on sessions (default 500)")
     parser.add_argument("--clients", type=int, help="SSE client worker processes (default 1)")
+    parser.add_argument("--connect-concurrency", type=int, help="connections opening at once in (a)-(c) (default 50)")
     parser.add_argument(
         "--fetch-max-wait-ms",
         type=int,
@@ -130,6 +142,10 @@ def scale_from(args: argparse.Namespace) -> Scale:
         "idle_streams": args.idle_streams,
         "cycles": args.cycles,
         "clients": args.clients,
+        "connect_concurrency": args.connect_concurrency,
+        "idle_users": args.idle_users,
+        "storm_streams": args.storm_streams,
+        "storm_users": args.storm_users,
     }
     values = {**base.__dict__, **{k: v for k, v in overrides.items() if v is not None}}
     values["idle_users"] = min(values["idle_users"], values["idle_streams"])
@@ -167,8 +183,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await systems.prepare_database(bench)
         for name in names:
             if name == "ours":
+                if "e" in workloads:
+                    # Its own deployment (two web processes), before the others so it never shares the cores.
+                    report["systems"].setdefault("ours", {})["e"] = await e_reconnect_storm.run(bench)
+                if not workloads - {"e"}:
+                    continue
                 system = await systems.start_gateway(bench, "ours")
-                todo, rates = workloads, scale.b_rates
+                todo, rates = workloads - {"e"}, scale.b_rates
             elif name == "audit-off":
                 system = await systems.start_gateway(bench, "audit-off", AUDIT_DELIVERIES="off")
                 todo, rates = workloads & {"a", "b"}, scale.b_rates
@@ -182,7 +203,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 raise SystemExit(f"unknown system {name!r}")
             try:
-                report["systems"][name] = await run_system(bench, system, todo, b_rates=rates)
+                report["systems"].setdefault(name, {}).update(await run_system(bench, system, todo, b_rates=rates))
             finally:
                 await system.stop()
             args.output.write_text(json.dumps(report, indent=2, default=str))

@@ -58,10 +58,21 @@ class Scale:
     cycles: int = 1000
     clients: int = 1
     connect_concurrency: int = 50
+    storm_streams: int = 1000
+    storm_users: int = 500
 
 
 QUICK = Scale(
-    streams=100, a_rate=200, a_seconds=5, b_seconds=5, idle_streams=500, idle_users=100, cycles=100, clients=1
+    streams=100,
+    a_rate=200,
+    a_seconds=5,
+    b_seconds=5,
+    idle_streams=500,
+    idle_users=100,
+    cycles=100,
+    clients=1,
+    storm_streams=100,
+    storm_users=50,
 )
 
 
@@ -286,6 +297,11 @@ class System:
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the web process has used so far."""
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
     async def stop(self) -> None:
         if self.gateway is not None:
             await self.gateway.stop()
@@ -487,7 +503,24 @@ def flat(result: dict[str, Any]) -> dict[str, Any]:
             )
     if "c" in result:
         c = result["c"]
-        out.update(c_streams=c["streams"], c_kb_per_stream=c["kb_per_stream"], c_connect_s=c["connect_s"])
+        out.update(
+            c_streams=c["streams"],
+            c_kb_per_stream=c["kb_per_stream"],
+            c_connect_s=c["connect_s"],
+            c_web_cpu_ms_per_connect=c.get("web_cpu_ms_per_connect"),
+            c_threads_after=c["threads_after"],
+        )
+    if "e" in result:
+        e = result["e"]
+        out.update(
+            e_streams=e["streams"],
+            e_reconnect_s=e["reconnect_s"],
+            e_missing=e["missing"],
+            e_duplicated=e["duplicated"],
+            e_server_errors=e["server_errors"],
+            e_statuses=e["statuses"],
+            e_queries_per_reconnect=e["queries_per_reconnect"],
+        )
     if "d" in result:
         d = result["d"]
         out.update(

@@ -36,15 +36,16 @@ SETTINGS = {
 FETCH_MAX_WAIT_MS = 10
 
 
-def gateway(bench: Bench, name: str, **env: str) -> Gateway:
-    """The gateway as `name` runs it: AUDIT_DELIVERIES from --audit unless `env` says otherwise."""
+def gateway(bench: Bench, name: str, *, webs: int = 1, env: dict[str, str] | None = None) -> Gateway:
+    """The gateway as `name` runs it (`webs` web processes): AUDIT_DELIVERIES from --audit unless `env` says
+    otherwise."""
     fetch_wait = bench.args.fetch_max_wait_ms or FETCH_MAX_WAIT_MS
-    settings = {"AUDIT_DELIVERIES": bench.args.audit, "KAFKA_FETCH_MAX_WAIT_MS": str(fetch_wait), **env}
+    settings = {"AUDIT_DELIVERIES": bench.args.audit, "KAFKA_FETCH_MAX_WAIT_MS": str(fetch_wait), **(env or {})}
     return Gateway(
         bootstrap=bench.kafka.bootstrap,
         redis_url=bench.redis.url,
         database_url=f"sqlite:///{bench.tmp / 'gateway.sqlite3'}",
-        layout=Layout(partitions=PARTITIONS, env=settings),
+        layout=Layout(webs=webs, partitions=PARTITIONS, env=settings),
         settings=SETTINGS,
         name=name,
         log_dir=LOGS,
@@ -65,7 +66,7 @@ async def prepare_database(bench: Bench) -> None:
 
 
 async def start_gateway(bench: Bench, name: str, **env: str) -> System:
-    deployment = gateway(bench, name, **env)
+    deployment = gateway(bench, name, env=env)
     try:
         await deployment.start()
     except BaseException:

@@ -3,6 +3,7 @@ from django.urls import path, re_path
 from events import views
 
 urlpatterns = [
+    path("stream", views.stream, name="events-stream"),
     path("tickets", views.tickets, name="events-tickets"),
     # Any segment reaches the view, which answers a malformed id with a JSON 400.
     re_path(r"^streams/(?P<stream_id>[^/]*)/token\Z", views.stream_token, name="events-stream-token"),

@@ -1,5 +1,5 @@
-"""Thin async views: POST /api/events/tickets, POST /api/events/streams/<id>/token, and the JavaScript client.
-(GET /api/events/stream is events/delivery/endpoint.py.)"""
+"""Thin async views: GET /api/events/stream (events/delivery/endpoint.py), POST /api/events/tickets,
+POST /api/events/streams/<id>/token, and the JavaScript client."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
 from events.core.sse import iso_from_ms
-from events.delivery import renewal
+from events.delivery import endpoint, renewal
 from events.delivery.auth import AuthError, AuthUnavailable, Credentials, Identity, authenticate, issue_ticket
 from events.delivery.hub import get_hub
 from events.ops import metrics
@@ -39,6 +39,13 @@ def error(status: int, message: str) -> JsonResponse:
 
 def _refuse(status: int, message: str, **extra: str) -> JsonResponse:
     return JsonResponse({"error": message, **extra}, status=status)
+
+
+@endpoint.threadless
+async def stream(request: HttpRequest) -> HttpResponseBase:
+    """Served without a thread of its own, middleware or sync signals (gateway_project/asgi.py): it lives
+    as long as the client stays, and does its own host, CORS and authentication checks."""
+    return await endpoint.respond(request)
 
 
 @csrf_exempt

@@ -101,6 +101,20 @@ REDIS_CLUSTER = env.bool("REDIS_CLUSTER", default=False)
 EVENTS_STORE_SHARDS = env.int("EVENTS_STORE_SHARDS", default=16) if REDIS_CLUSTER else 1
 if not 1 <= EVENTS_STORE_SHARDS <= 64:
     raise ImproperlyConfigured("EVENTS_STORE_SHARDS must be between 1 and 64")
+# Django's cache lives in the same Redis, and sessions are read from it: the database is asked only for a
+# session not cached there (written at login, on every save, and on a miss), so a reconnect storm of
+# session-cookie streams does not land on the database. Logging out deletes the session from both.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "events-gateway:cache",
+        # Executor threads wait on it: a Redis that does not answer must not hold them (as the hub's client).
+        "OPTIONS": {"socket_timeout": 5, "socket_connect_timeout": 2},
+    }
+}
+# Django's Redis cache speaks to one node: on a Redis Cluster sessions are read from the database.
+SESSION_ENGINE = f"django.contrib.sessions.backends.{'db' if REDIS_CLUSTER else 'cached_db'}"
 CHANNEL_LAYERS = {
     "default": {
         # The pub/sub layer: one PUBLISH per announcement whatever the number of web processes,

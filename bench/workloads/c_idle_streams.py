@@ -22,8 +22,10 @@ async def run(bench: Bench, system: System) -> dict[str, Any]:
     if bench.args.profile and system.has_metrics:
         spy = Profiler(system.web.pid, RESULTS / f"profile-{system.name}-c-connect.txt")
     meter.start()
+    cpu_before = system.cpu_seconds()
     opened = await bench.open_streams(system, s.idle_streams, s.idle_users)
     connect_cpu = meter.percent()
+    web_cpu_s = system.cpu_seconds() - cpu_before
     profile = await spy.stop() if spy is not None else None
     await asyncio.sleep(SETTLE_AFTER_SECONDS)
     after, threads_after = system.rss(), system.ps.num_threads()
@@ -34,6 +36,9 @@ async def run(bench: Bench, system: System) -> dict[str, Any]:
         "streams": opened["opened"],
         "failed": opened["failed"],
         "connect_s": round(opened["seconds"], 2),
+        # CPU the web process spent connecting them: on this shared machine, steadier than the wall time.
+        "connect_web_cpu_s": round(web_cpu_s, 2),
+        "web_cpu_ms_per_connect": round(1000 * web_cpu_s / max(1, opened["opened"]), 3),
         "rss_before_mb": round(before / 2**20, 1),
         "rss_after_mb": round(after / 2**20, 1),
         "kb_per_stream": round((after - before) / max(1, opened["opened"]) / 1024, 1),
@@ -48,7 +53,8 @@ async def run(bench: Bench, system: System) -> dict[str, Any]:
     out["close_s"] = round(close_s, 2)
     log(
         f"  (c) {system.name}: {out['streams']} idle streams connected in {out['connect_s']} s "
-        f"({out['failed']} failed), RSS {out['rss_before_mb']} -> {out['rss_after_mb']} MB = "
+        f"({out['failed']} failed; web CPU {out['connect_web_cpu_s']} s = {out['web_cpu_ms_per_connect']} ms/connect), "
+        f"RSS {out['rss_before_mb']} -> {out['rss_after_mb']} MB = "
         f"{out['kb_per_stream']} KB/stream, threads {threads_before} -> {threads_after}; "
         f"all closed on the server after {out['close_s']} s; "
         f"CPU% while connecting {cpu_text(connect_cpu)}"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, TypeVar
@@ -15,9 +17,16 @@ import jwt
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.auth import get_user, get_user_model
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user, get_user_model
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import Permission
+from django.contrib.sessions.backends.base import SessionBase
+from django.core.cache import BaseCache, caches
+from django.core.exceptions import ValidationError
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
+from django.db.models import Exists, OuterRef
 from django.http import HttpRequest
+from django.utils.crypto import constant_time_compare
 
 from events.core import routing
 
@@ -78,26 +87,60 @@ def _jwks_client() -> jwt.PyJWKClient:
 def _signing_key(token: str) -> object:
     """The key to check `token` with: from the JWKS endpoint when the token names a `kid` and one is
     configured, else the configured public key or secret."""
+    configured = settings.JWT_PUBLIC_KEY or settings.JWT_SECRET
+    if not settings.JWT_JWKS_URL:
+        return configured
     try:
         kid = jwt.get_unverified_header(token).get("kid")
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"invalid bearer token: {exc}") from exc
-    if settings.JWT_JWKS_URL and (kid or not (settings.JWT_PUBLIC_KEY or settings.JWT_SECRET)):
+    if kid or not configured:
         try:
             return _jwks_client().get_signing_key_from_jwt(token).key
         except jwt.PyJWKClientConnectionError as exc:
             raise AuthUnavailable(f"the JWKS endpoint cannot be reached: {exc}") from exc
         except jwt.PyJWKClientError as exc:
             raise AuthError(f"invalid bearer token: {exc}") from exc
-    return settings.JWT_PUBLIC_KEY or settings.JWT_SECRET
+    return configured
+
+
+def _key_checking_once(decoder: jwt.PyJWT) -> jwt.PyJWT:
+    """`decoder` with each algorithm's preparation of a configured key (str or bytes) remembered per key.
+    Preparing it (parsing a PEM key; for HMAC, checking that the secret is not an asymmetric key) cost as
+    much as checking the signature itself, on every token; the result depends on the key alone. Key
+    objects (from JWKS) are prepared already and pass through."""
+    jws = decoder._jws  # PyJWT offers no public way to give a decoder algorithms of its own
+    for name in jwt.algorithms.get_default_algorithms():
+        algorithm = jws.get_algorithm_by_name(name)
+        algorithm.prepare_key = _remembered(algorithm.prepare_key)  # type: ignore[method-assign,assignment]
+    return decoder
+
+
+def _remembered(prepare: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    prepared: dict[str | bytes, Any] = {}
+
+    def prepare_key(key: Any) -> Any:
+        if not isinstance(key, str | bytes):
+            return prepare(key)
+        found = prepared.get(key)
+        if found is None:
+            found = prepare(key)  # a key it refuses raises, and is not remembered
+            if len(prepared) < 8:  # the configured key; a settings change in tests adds a few
+                prepared[key] = found
+        return found
+
+    return prepare_key
+
+
+_decoder = _key_checking_once(jwt.PyJWT())
 
 
 def _decode(token: str) -> dict[str, object]:
-    """Check `token` (sync: fetching JWKS keys is blocking I/O). `exp` is required: a stream opened with a
-    token lives no longer than the token."""
+    """Check `token` fully: signature, `exp` (required: a stream opened with a token lives no longer than
+    the token), audience and issuer when configured. Sync: fetching JWKS keys is blocking I/O."""
     key = _signing_key(token)
     try:
-        return jwt.decode(
+        return _decoder.decode(
             token,
             key=key,  # type: ignore[arg-type]
             algorithms=settings.JWT_ALGORITHMS,
@@ -126,35 +169,249 @@ class Credentials:
 # request's own: a stream lives for hours, and a thread held per stream costs more than the stream.
 
 
-# A reconnect storm (a web process restarting under 10,000 streams) would otherwise cost a user lookup
-# and two permission queries per stream. Deactivation or a permission change takes effect within this.
+def _call(function: Callable[..., T], *args: Any) -> T:
+    return function(*args)
+
+
+# Made once: building a sync_to_async wrapper costs more than the cache lookup it would guard.
+_in_executor = sync_to_async(_call, thread_sensitive=False)
+
+
+# --- accounts: what opening a stream needs to know of a user --------------------------------------------
+# A user's account is read from the database at most once per USER_CACHE_SECONDS per web process, so that
+# a reconnect storm (a web process restarting under 10,000 streams) costs one query per user, not three or
+# four per stream. The bound this puts on changes, for streams opened afterwards (open streams are not
+# affected): deactivating a user, changing their password (which ends their sessions) or their permissions
+# takes effect within USER_CACHE_SECONDS. Logging out takes effect at once (the session is read every
+# time); grants are read on every open (docs/production.md, "Sessions, accounts and reconnect storms").
 USER_CACHE_SECONDS = 30.0
-_user_cache: dict[str, tuple[float, bool, bool]] = {}
+MAX_CACHED_ACCOUNTS = 100_000
 
 
-def _token_user(username: str) -> tuple[bool, bool]:
-    """Match or create the token's user: (is active, may follow every process instance)."""
-    cached = _user_cache.get(username)
-    if cached is not None and cached[0] > time.monotonic():
-        return cached[1], cached[2]
+@dataclass(frozen=True, slots=True)
+class Account:
+    user_id: Any
+    username: str
+    active: bool
+    view_all: bool  # may follow every process instance
+    session_hash: str  # what a session of this user must carry (Django's get_session_auth_hash)
+
+
+class _Cache:
+    """Accounts by name and by id for USER_CACHE_SECONDS, read in the event loop without a thread hop."""
+
+    def __init__(self) -> None:
+        self._values: dict[Hashable, tuple[float, Account]] = {}
+
+    def get(self, key: Hashable) -> Account | None:
+        found = self._values.get(key)
+        if found is None:
+            return None
+        if found[0] <= time.monotonic():
+            del self._values[key]
+            return None
+        return found[1]
+
+    def put(self, account: Account) -> None:
+        if len(self._values) >= MAX_CACHED_ACCOUNTS:
+            now = time.monotonic()
+            self._values = {k: v for k, v in self._values.items() if v[0] > now}
+            if len(self._values) >= MAX_CACHED_ACCOUNTS:
+                self._values.clear()
+        expires = time.monotonic() + USER_CACHE_SECONDS
+        self._values[("name", account.username)] = (expires, account)
+        self._values[("id", account.user_id)] = (expires, account)
+
+
+# Accounts one query looks up at most (well within SQLite's and PostgreSQL's parameter limits).
+MAX_BATCH = 500
+
+
+class _Batches:
+    """Accounts missing from the cache, looked up together: while one query runs, the misses that arrive
+    wait, and the next query takes them all. A storm of streams of U users costs a few queries, not U; the
+    streams of one user wait for the same lookup."""
+
+    def __init__(self, kind: str, load_many: Callable[[list[Any]], dict[Any, Account]]) -> None:
+        self.kind = kind
+        self._load_many = load_many
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._futures: dict[Any, asyncio.Future[Account | None]] = {}
+        self._queued: list[Any] = []
+        self._lock = asyncio.Lock()
+
+    async def get(self, key: Any) -> Account | None:
+        """The account for `key` (cached, or looked up with others), None if there is none."""
+        cached = _accounts.get((self.kind, key))
+        if cached is not None:
+            return cached
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # another event loop (tests run several): nothing pending carries over
+            self._loop, self._futures, self._queued, self._lock = loop, {}, [], asyncio.Lock()
+        future = self._futures.get(key)
+        if future is None:
+            future = self._futures[key] = loop.create_future()
+            self._queued.append(key)
+        while not future.done():
+            async with self._lock:
+                if not future.done():
+                    await self._run_batch()
+        return future.result()
+
+    async def _run_batch(self) -> None:
+        batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
+        try:
+            found = await _in_executor(self._load_many, batch)
+        except asyncio.CancelledError:
+            self._queued[:0] = batch  # this caller's client left: the next waiter looks them up
+            raise
+        except Exception as exc:  # noqa: BLE001 - every waiter of the batch gets it raised
+            for key in batch:
+                future = self._futures.pop(key)
+                future.set_exception(exc)
+                future.exception()  # retrieved: its waiters raise it; a future nobody waits for is fine too
+            return
+        for key in batch:
+            account = found.get(key)
+            if account is not None:
+                _accounts.put(account)
+            self._futures.pop(key).set_result(account)
+
+
+_accounts = _Cache()
+
+
+def _view_all_codename() -> tuple[str, str]:
+    app_label, _, codename = VIEW_ALL.partition(".")
+    return app_label, codename
+
+
+def _account_of(user: AbstractBaseUser, *, view_all: bool | None = None) -> Account:
+    if view_all is None:
+        view_all = bool(user.is_active and user.has_perm(VIEW_ALL))  # type: ignore[attr-defined]
+    return Account(
+        user_id=user.pk,
+        username=user.get_username(),
+        active=bool(user.is_active),
+        view_all=view_all,
+        session_hash=user.get_session_auth_hash(),
+    )
+
+
+def _with_view_all(queryset: Any) -> Any:
+    """Annotate users with whether they hold VIEW_ALL, in the same query (Django's has_perm takes two
+    more). Only for the model backend's rules: superuser, the user's own permissions, their groups'."""
+    app_label, codename = _view_all_codename()
+    held = Permission.objects.filter(content_type__app_label=app_label, codename=codename)
+    return queryset.annotate(
+        _perm_direct=Exists(held.filter(user=OuterRef("pk"))),
+        _perm_group=Exists(held.filter(group__user=OuterRef("pk"))),
+    )
+
+
+_MODEL_BACKEND = "django.contrib.auth.backends.ModelBackend"
+
+
+def _load_by_usernames(usernames: list[str]) -> dict[str, Account]:
+    """Match or create tokens' users: one query for those that exist."""
     with _reconnecting():
-        user, _ = get_user_model().objects.get_or_create(username=username)
-        found = (user.is_active, user.is_active and user.has_perm(VIEW_ALL))
-    if len(_user_cache) > 100_000:
-        _user_cache.clear()
-    _user_cache[username] = (time.monotonic() + USER_CACHE_SECONDS, *found)
-    return found
+        users = get_user_model().objects
+        found: dict[str, Account] = {}
+        if _model_backend_only():
+            for user in _with_view_all(users.filter(username__in=usernames)):
+                found[user.get_username()] = _annotated_account(user)
+        for username in usernames:
+            if username not in found:
+                user, _ = users.get_or_create(username=username)
+                found[username] = _account_of(user)
+        return found
 
 
-def _session_user(session_key: str) -> tuple[str, bool] | None:
-    """The logged-in user of a session (Django's own checks, session hash included), or None."""
+def _load_by_ids(user_ids: list[Any]) -> dict[Any, Account]:
+    """Sessions' users by id, in one query; those that no longer exist are left out."""
+    with _reconnecting():
+        users = _with_view_all(get_user_model().objects.filter(pk__in=user_ids))
+        return {user.pk: _annotated_account(user) for user in users}
+
+
+def _model_backend_only() -> bool:
+    return list(settings.AUTHENTICATION_BACKENDS) == [_MODEL_BACKEND]
+
+
+def _annotated_account(user: Any) -> Account:
+    view_all = user.is_active and (user.is_superuser or user._perm_direct or user._perm_group)
+    return _account_of(user, view_all=bool(view_all))
+
+
+_by_name = _Batches("name", _load_by_usernames)
+_by_id = _Batches("id", _load_by_ids)
+
+
+async def token_account(username: str) -> Account:
+    """The account of a token's (or ticket's) user, created on first sight."""
+    account = await _by_name.get(username)
+    assert account is not None
+    return account
+
+
+@dataclass(frozen=True, slots=True)
+class _SessionClaim:
+    store: SessionBase
+    user_id: Any
+    backend: str
+    session_hash: str
+
+
+@functools.cache
+def _session_cache() -> BaseCache:
+    """One cache client for session reads, for the life of the process. Django's `caches[alias]` is local to
+    the context, and every executor call runs in a fresh copy of one: each session read made a client, a
+    connection pool and a new Redis connection of its own (half the web process's time in a storm)."""
+    return caches.create_connection(settings.SESSION_CACHE_ALIAS)
+
+
+def _read_session(session_key: str) -> _SessionClaim | None:
+    """A session's data (with the cached_db engine, from Redis; the database only when not cached there)."""
+    with _reconnecting():
+        store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+        if hasattr(store, "_cache"):  # the cache and cached_db engines: read through the shared client
+            store._cache = _session_cache()
+        try:
+            user_id = get_user_model()._meta.pk.to_python(store[SESSION_KEY])
+            backend = store[BACKEND_SESSION_KEY]
+        except (KeyError, ValidationError):
+            return None
+        return _SessionClaim(store, user_id, backend, store.get(HASH_SESSION_KEY) or "")
+
+
+def _session_user(store: SessionBase) -> Account | None:
+    """Django's own checks of a session's user (backend, active, session hash and its fallbacks)."""
     with _reconnecting():
         request = HttpRequest()
-        request.session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+        request.session = store
         user = get_user(request)
         if not user.is_authenticated or not user.is_active:
             return None
-        return user.get_username(), user.has_perm(VIEW_ALL)
+        return _account_of(user)
+
+
+async def session_account(session_key: str) -> Account | None:
+    """The active user logged in by a session, or None. The session is read every time (logging out takes
+    effect at once); its user's account comes from the cache (or one query) when the session's hash matches
+    it, else from Django's own checks (which also accept a hash made with a SECRET_KEY_FALLBACKS key)."""
+    claim = await _in_executor(_read_session, session_key)
+    if claim is None or claim.backend not in settings.AUTHENTICATION_BACKENDS:
+        return None
+    if claim.backend == _MODEL_BACKEND and claim.session_hash:
+        account = await _by_id.get(claim.user_id)
+        if account is None or not account.active:
+            return None
+        if constant_time_compare(claim.session_hash, account.session_hash):
+            return account
+    account = await _in_executor(_session_user, claim.store)
+    if account is not None:
+        _accounts.put(account)
+    return account
 
 
 @contextlib.contextmanager
@@ -186,22 +443,22 @@ async def from_bearer(token: str) -> Identity:
     if not bearer_enabled():
         raise AuthError("bearer authentication is not configured")
     if settings.JWT_JWKS_URL:
-        claims = await sync_to_async(_decode, thread_sensitive=False)(token)
+        claims = await _in_executor(_decode, token)
     else:
         claims = _decode(token)
     username = claims.get(settings.JWT_USER_CLAIM)
     if not isinstance(username, str) or not username or len(username) > 150:
         raise AuthError(f"bearer token has no usable {settings.JWT_USER_CLAIM!r} claim")
-    active, view_all = await sync_to_async(_token_user, thread_sensitive=False)(username)
-    if not active:
+    account = await token_account(username)
+    if not account.active:
         raise AuthError("user is inactive")
     exp = claims.get("exp")
-    return Identity(username, "bearer", float(exp) if isinstance(exp, int | float) else None, view_all)
+    return Identity(username, "bearer", float(exp) if isinstance(exp, int | float) else None, account.view_all)
 
 
 async def from_session(session_key: str) -> Identity | None:
-    found = await sync_to_async(_session_user, thread_sensitive=False)(session_key)
-    return Identity(found[0], "session", None, found[1]) if found else None
+    account = await session_account(session_key)
+    return Identity(account.username, "session", None, account.view_all) if account else None
 
 
 async def authenticate(credentials: Credentials, *, allow_ticket: bool, redis: aioredis.Redis) -> Identity | None:
@@ -241,7 +498,7 @@ async def redeem_ticket(redis: aioredis.Redis, ticket: str) -> Identity:
     if raw is None:
         raise AuthError("ticket unknown, expired or already used")
     value = json.loads(raw)
-    active, view_all = await sync_to_async(_token_user, thread_sensitive=False)(value["user"])
-    if not active:
+    account = await token_account(value["user"])
+    if not account.active:
         raise AuthError("user is inactive")
-    return Identity(value["user"], "ticket", value.get("expires_at"), view_all)
+    return Identity(value["user"], "ticket", value.get("expires_at"), account.view_all)

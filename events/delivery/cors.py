@@ -1,6 +1,6 @@
 """CORS for the events API: credentials allowed for CORS_ALLOWED_ORIGINS only.
 
-The rules live in plain functions so the stream endpoint (a plain ASGI app) applies the same ones.
+The rules live in plain functions so the stream's view, which runs without middleware, applies the same ones.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-"""GET /api/events/stream, as a plain ASGI application in front of Django.
+"""GET /api/events/stream, a Django async view (events/views.py) that runs without a thread of its own.
 
-Django's ASGI handler runs each request in a thread-sensitive context of its own, and its first sync
-call (the request_started signal's receivers) gives that context a dedicated thread for as long as the
-request lives. A stream lives for hours: measured with 10,000 idle streams behind the Django view, that
-was 10,000 idle threads, 263 KB per stream and 228 s to connect them (bench/README.md). This endpoint
-does the same work (host check, CORS, authentication, authorisation, refusals as JSON), with its
-database work on the shared executor, and then writes the stream straight to the server.
+Django's ASGI handler runs each request in a thread-sensitive context, and its first sync call (the
+request_started signal's receivers, each middleware) gives that context a dedicated thread for as long
+as the request lives. A stream lives for hours: with 10,000 idle streams behind a plain Django view that
+was 10,000 idle threads, 263 KB per stream and 228 s to connect them (bench/README.md). Views marked
+`threadless` are served by the project's handler (gateway_project/asgi.py) in the event loop alone: no
+thread-sensitive context, no middleware, no sync signal receivers. This module does what the middleware
+would have (host check, CORS) and the rest (authentication, authorisation, refusals as JSON), with its
+database work on the shared executor, and answers with the stream.
 """
 
 from __future__ import annotations
@@ -19,21 +21,22 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl
 
 import redis.asyncio as aioredis
 from django.conf import settings
+from django.core.handlers.asgi import ASGIRequest
 from django.db import DatabaseError
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.http.cookie import parse_cookie
 from django.http.request import split_domain_port, validate_host
 
 from events.core import sse
 from events.core.audit import audit_text
 from events.core.envelope import PROCESS_INSTANCE
-from events.core.records import CloseReason
 from events.delivery import cors, renewal
 from events.delivery.auth import AuthError, AuthUnavailable, Credentials, authenticate, database_call
 from events.delivery.hub import get_hub
@@ -47,8 +50,16 @@ logger = logging.getLogger(__name__)
 
 PATH = "/api/events/stream"
 MAX_PROCESS_INSTANCES = 20
+# Where the project's ASGI handler puts the server adapter's socket probe for a threadless view.
+PROBE_SCOPE_KEY = "events_gateway.socket_probe"
+# Streams opening at once in this process; more wait their turn. Opening holds a connection of the hub's
+# Redis pool (redis-py's, 100 connections, refuses rather than waits when all are taken) for the slot claim
+# and the replay: 1,000 streams reconnecting together after a web process died took them all, and most
+# were told to retry. Half the pool leaves the rest to the hub's reader, ticker and audit writer.
+OPENING_AT_ONCE = 50
+_opening: asyncio.Semaphore | None = None
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+View = TypeVar("View", bound=Callable[..., Coroutine[Any, Any, HttpResponseBase]])
 
 
 class SocketProbe(Protocol):
@@ -87,7 +98,7 @@ MAX_QUERY_LENGTH = 8192
 class StreamRequest:
     """What the endpoint reads from an ASGI scope; `problem` says what is malformed (a 400), if anything."""
 
-    def __init__(self, scope: dict[str, Any]) -> None:
+    def __init__(self, scope: Mapping[str, Any]) -> None:
         self.method: str = scope["method"]
         self.problem: str | None = None
         self.headers: dict[str, str] = {}
@@ -153,37 +164,55 @@ def client_address(peer: str, forwarded_for: str) -> str:
     return hops[0] if hops else peer
 
 
-class StreamEndpoint:
-    """The ASGI application for PATH; `probe_for` comes from the server adapter (None: no probe)."""
-
-    def __init__(self, *, probe_for: ProbeFor | None = None) -> None:
-        self.probe_for = probe_for
-
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        probe = self.probe_for(send) if self.probe_for is not None else None
-        await stream_endpoint(scope, receive, send, probe=probe)
+def threadless(view: View) -> View:
+    """Mark an async view to be served without a thread, middleware or sync signals (gateway_project/asgi.py):
+    it checks hosts and CORS itself and must never block."""
+    view.threadless = True  # type: ignore[attr-defined]
+    return view
 
 
-async def stream_endpoint(scope: dict[str, Any], receive: Receive, send: Send, *, probe: SocketProbe | None) -> None:
-    request = StreamRequest(scope)
-    origin = request.headers.get("origin")
-    if cors.is_preflight(request.method, PATH, "access-control-request-method" in request.headers):
-        await _respond(send, 204, b"", "text/plain", cors.preflight_headers(origin))
-        return
+async def respond(request: HttpRequest) -> HttpResponseBase:
+    """The answer to GET /api/events/stream: a refusal (JSON), a retry (transient fault), or the stream."""
+    if not isinstance(request, ASGIRequest):
+        raise TypeError("the event stream is served over ASGI only")
+    stream_request = StreamRequest(request.scope)
+    origin = stream_request.headers.get("origin")
+    if cors.is_preflight(stream_request.method, PATH, "access-control-request-method" in stream_request.headers):
+        return _response(204, b"", "text/plain", cors.preflight_headers(origin))
     cors_headers = cors.response_headers(origin)
+    global _opening  # noqa: PLW0603 - one gate per process, made in its event loop
+    if _opening is None:
+        _opening = asyncio.Semaphore(OPENING_AT_ONCE)
+    async with _opening:
+        return await _respond_opening(stream_request, request.scope.get(PROBE_SCOPE_KEY), cors_headers)
+
+
+async def _respond_opening(
+    stream_request: StreamRequest, probe: SocketProbe | None, cors_headers: dict[str, str]
+) -> HttpResponseBase:
     try:
-        stream = await _open(request, probe=probe)
+        stream = await _open(stream_request, probe=probe)
     except Refused as refusal:
         metrics.STREAMS_REFUSED.labels(str(refusal.status)).inc()
-        body = json.dumps({"error": str(refusal)}).encode()
-        await _respond(send, refusal.status, body, "application/json", cors_headers)
-        return
+        refused = json.dumps({"error": str(refusal)}).encode()
+        return _response(refusal.status, refused, "application/json", cors_headers)
     except _RetryLater:
-        await _ask_to_retry(send, cors_headers, "a backend (Redis, the database, the JWKS endpoint) is unavailable")
-        return
-    await _serve(stream, receive, send, cors_headers)
+        return _ask_to_retry(cors_headers, "a backend (Redis, the database, the JWKS endpoint) is unavailable")
+    # The stream is registered and its replay read before the 200 goes out: a client that has its response
+    # headers is already receiving everything stored from its starting position on.
+    body = stream.body()
+    try:
+        first = await anext(body)
+    except (aioredis.RedisError, OSError):
+        await body.aclose()
+        return _ask_to_retry(cors_headers, "the event store is unavailable while the stream opens")
+    except BaseException:
+        await body.aclose()
+        raise
+    return StreamResponse(first, body, {**_SSE_HEADERS, **cors_headers})
 
 
+_SSE_TYPE = "text/event-stream; charset=utf-8"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"}
 
 
@@ -269,50 +298,33 @@ def _since(value: str | None) -> int | None:
     return max(ms, 0)
 
 
-async def _serve(stream: Stream, receive: Receive, send: Send, cors: dict[str, str]) -> None:
-    """The stream is registered and its replay read before the 200 goes out: a client that has its response
-    headers is already receiving everything stored from its starting position on."""
-    headers = {"Content-Type": "text/event-stream; charset=utf-8", **_SSE_HEADERS, **cors}
-    async with contextlib.aclosing(stream.body()) as body:
-        try:
-            first = await anext(body)
-        except (aioredis.RedisError, OSError):
-            await _ask_to_retry(send, cors, "the event store is unavailable while the stream opens")
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": _encode(headers)})
-        await send({"type": "http.response.body", "body": first, "more_body": True})
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(stream, receive))
-        try:
+class StreamResponse(StreamingHttpResponse):
+    """An open stream's response: its first chunk (`first`), then the stream's body (`body`). Any ASGI handler
+    can send it as a streaming response; the project's handler sends `first` and `body` itself, keeping
+    nothing else for the stream's life, and closes `body` once done, whether or not it was sent."""
+
+    def __init__(self, first: bytes, body: AsyncGenerator[bytes, None], headers: dict[str, str]) -> None:
+        self.first = first
+        self.body = body
+        super().__init__(self._chunks(first, body), content_type=_SSE_TYPE, headers=headers)
+
+    @staticmethod
+    async def _chunks(first: bytes, body: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+        async with contextlib.aclosing(body):
+            yield first
             async for chunk in body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+                yield chunk
 
 
-async def _watch_disconnect(stream: Stream, receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            stream.close(CloseReason.CLIENT_GONE)
-            return
-
-
-async def _ask_to_retry(send: Send, cors: dict[str, str], why: str) -> None:
+def _ask_to_retry(cors: dict[str, str], why: str) -> HttpResponse:
     """A transient fault: not a 5xx, which would stop EventSource for good, but a stream that says `retry:`
     and ends."""
     logger.warning("%s; asking the client to retry", why, exc_info=True)
     body = sse.retry(settings.EVENTS_RETRY_MS) + b": temporarily unavailable\n\n"
-    await _respond(send, 200, body, "text/event-stream; charset=utf-8", {**cors, **_SSE_HEADERS})
+    return _response(200, body, _SSE_TYPE, {**cors, **_SSE_HEADERS})
 
 
-async def _respond(send: Send, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
-    all_headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **headers}
-    await send({"type": "http.response.start", "status": status, "headers": _encode(all_headers)})
-    await send({"type": "http.response.body", "body": body})
-
-
-def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+def _response(status: int, body: bytes, content_type: str, headers: dict[str, str]) -> HttpResponse:
+    return HttpResponse(
+        body, status=status, content_type=content_type, headers={"Content-Length": str(len(body)), **headers}
+    )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 import django
+from django.db.backends.signals import connection_created
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 # The release, as pyproject.toml's [project] version says (tests/test_observability.py keeps them equal).
@@ -39,6 +41,7 @@ AUDIT_BATCHES_WAITING = Gauge("gateway_audit_batches_waiting", "Audit batches in
 READY = Gauge(
     "gateway_ready", "1 if the check passed at the last /readyz probe, 0 if it failed (absent before one)", ["check"]
 )
+DATABASE_QUERIES = Counter("gateway_database_queries", "SQL statements the web process sent to the database")
 BUILD = Info("gateway_build", "The running release and the Python and Django it runs on")
 BUILD.info({"version": VERSION, "python": platform.python_version(), "django": django.get_version()})
 STREAM_CATCH_UPS = Counter(
@@ -46,3 +49,17 @@ STREAM_CATCH_UPS = Counter(
 )
 LIVE_SOURCES = Gauge("gateway_live_sources", "Sources (users, process instances, broadcasts) this web process hears")
 LIVE_EVENTS = Counter("gateway_live_events", "Events this web process heard on its live feed (its streams' sources)")
+
+
+def count_database_queries() -> None:
+    """Count every statement this process sends (DATABASE_QUERIES), on each connection as it opens."""
+    connection_created.connect(_count_on, dispatch_uid="gateway-count-database-queries")
+
+
+def _count_on(sender: object, connection: Any, **kwargs: object) -> None:
+    connection.execute_wrappers.append(_counted)
+
+
+def _counted(execute: Any, sql: Any, params: Any, many: bool, context: Any) -> Any:
+    DATABASE_QUERIES.inc()
+    return execute(sql, params, many, context)
