@@ -18,6 +18,7 @@ from events.core import positions
 from events.core.envelope import Event
 from events.core.records import CloseReason, Record
 from events.core.routing import Keyspace, Source
+from events.delivery import feed as feed_module
 from events.delivery.hub import Hub
 from events.delivery.registry import Registry
 from events.delivery.stream import Stream
@@ -280,3 +281,28 @@ async def test_after_redis_restarts_a_stream_goes_on_with_what_is_stored_next(se
         await hub.stop(grace=1)
     finally:
         server.stop()
+
+
+async def test_a_source_no_stream_reads_is_unsubscribed_after_a_grace(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(feed_module, "UNSUBSCRIBE_AFTER_SECONDS", 0.3)
+    channel = hub.store.keys.user_source("ana").key
+
+    async def subscribers() -> int:
+        [(_, count)] = await hub.redis.pubsub_numsub(channel)
+        return int(count)
+
+    first = _Client(_stream(hub))
+    await first.read(until=lambda c: c.blocks)
+    assert await subscribers() == 1
+    await first.close()
+    again = _Client(_stream(hub))  # a reconnect at once finds the source live
+    await again.read(until=lambda c: c.blocks)
+    await hub.store.append([_record(7)])
+    await again.read(until=lambda c: c.data() == [7])
+    await again.close()
+    deadline = time.monotonic() + 10
+    while await subscribers():
+        assert time.monotonic() < deadline, "the source stayed subscribed"
+        await asyncio.sleep(0.1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -44,6 +45,8 @@ RECONNECT_MAX_SECONDS = 5.0
 CONNECT_SECONDS = 5.0
 # A subscriber connection quiet for this long is pinged; no answer within as long again means it is gone.
 QUIET_SECONDS = 5.0
+# A source no stream reads stays subscribed this long (a client reconnecting at once finds it live).
+UNSUBSCRIBE_AFTER_SECONDS = 10.0
 # Channels per SUBSCRIBE command when many streams open at once.
 SUBSCRIBE_BATCH = 1000
 
@@ -61,23 +64,24 @@ class _Link:
         self._outstanding: dict[str, int] = {}  # subscribe commands sent, not yet confirmed
         self._changed = asyncio.Event()
         self._to_subscribe: set[str] = set()
-        self._to_unsubscribe: set[str] = set()
+        self._idle_since: dict[str, float] = {}  # subscribed, no longer wanted, since
+        self._unsubscribing: dict[str, int] = {}  # unsubscribe commands sent, not yet confirmed
         self.connected = asyncio.Event()
         self._progress = asyncio.Event()  # set on each confirmation
 
     def want(self, channel: str) -> None:
         self.channels.add(channel)
-        self._to_unsubscribe.discard(channel)
-        if channel not in self.live:
+        self._idle_since.pop(channel, None)
+        if channel not in self.live and not self._outstanding.get(channel):
             self._to_subscribe.add(channel)
             self._changed.set()
 
     def unwant(self, channel: str) -> None:
+        """No stream reads `channel` any more; it is unsubscribed if none does for UNSUBSCRIBE_AFTER_SECONDS
+        (a client reconnecting at once finds it live)."""
         self.channels.discard(channel)
         self._to_subscribe.discard(channel)
-        if channel in self.live or self._outstanding.get(channel):
-            self._to_unsubscribe.add(channel)
-            self._changed.set()
+        self._idle_since[channel] = time.monotonic()
 
     async def run(self) -> None:
         """Connect, subscribe, read; on any failure start over with a new connection and report the gap."""
@@ -100,6 +104,7 @@ class _Link:
                 self.connected.clear()
                 self.live.clear()
                 self._outstanding.clear()
+                self._unsubscribing.clear()
                 if self.pubsub is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self.pubsub.aclose(), CONNECT_SECONDS)
@@ -112,7 +117,7 @@ class _Link:
         self.pubsub = self.client.pubsub()
         await asyncio.wait_for(self.pubsub.connect(), CONNECT_SECONDS)
         self._to_subscribe = set(self.channels)
-        self._to_unsubscribe.clear()
+        self._idle_since.clear()
         await self._send()
         loop = asyncio.get_running_loop()
         tasks = {
@@ -145,7 +150,8 @@ class _Link:
 
     async def _sender(self) -> None:
         while True:
-            await self._changed.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), UNSUBSCRIBE_AFTER_SECONDS / 2)
             self._changed.clear()
             await self._send()
 
@@ -157,10 +163,12 @@ class _Link:
             for channel in batch:
                 self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
             await self.pubsub.execute_command(subscribe, *batch)
-        leaving = sorted(self._to_unsubscribe)
-        self._to_unsubscribe.clear()
+        cutoff = time.monotonic() - UNSUBSCRIBE_AFTER_SECONDS
+        leaving = sorted(c for c, since in self._idle_since.items() if since <= cutoff and c not in self.channels)
         for channel in leaving:
+            del self._idle_since[channel]
             self.live.discard(channel)
+            self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
         for batch in self.feed.batches(leaving):
             await self.pubsub.execute_command(unsubscribe, *batch)
 
@@ -187,7 +195,12 @@ class _Link:
                 self._confirmed(_text(response[1]))
             elif kind in feed.unsubscribe_types:
                 channel = _text(response[1])
-                if channel in self.channels and not self._outstanding.get(channel):
+                asked = self._unsubscribing.get(channel, 0)
+                if asked > 1:
+                    self._unsubscribing[channel] = asked - 1
+                elif asked == 1:
+                    del self._unsubscribing[channel]
+                elif channel in self.channels:
                     # Not asked for (on a cluster: its slot moved to another node): start over.
                     raise ConnectionError(f"the server dropped the subscription to {channel}")
 
@@ -197,7 +210,7 @@ class _Link:
             self._outstanding[channel] = left
             return
         self._outstanding.pop(channel, None)
-        if channel in self.channels and channel not in self._to_unsubscribe:
+        if channel in self.channels or channel in self._idle_since:
             self.live.add(channel)
             self.feed.confirmed(channel)
             self._progress.set()
