@@ -8,8 +8,9 @@ A stream is always in one of two states:
 
 It starts by catching up from its resume point (Last-Event-ID, `since`, or nowhere) to the store's heads read
 once its sources' subscriptions are live, so nothing falls between the replay and the feed. A window that
-outgrows EVENTS_STREAM_BUFFER (a burst, or a client reading slower than events arrive) is dropped and the
-stream catches up to the feed's head instead: a burst costs a detour through the store, never the stream.
+outgrows EVENTS_STREAM_BUFFER events or WINDOW_BYTES (a burst, or a client reading slower than events
+arrive) is dropped and the stream catches up to the feed's head instead: a burst costs a detour through the
+store, never the stream.
 Only a client whose socket stops draining (EVENTS_SLOW_CLIENT_SECONDS without progress, or more than
 EVENTS_SLOW_CLIENT_BYTES unread without progress) is closed; it resumes by id.
 
@@ -45,10 +46,13 @@ logger = logging.getLogger(__name__)
 
 BufferProbe = Callable[[], int | None]
 # Write more only while the server holds less than this for the client; bytes a chunk aims at.
-HIGH_WATER = 256 * 1024
+HIGH_WATER = 1024 * 1024
 CHUNK_BYTES = 256 * 1024
 # How often a stream whose client is not reading looks at its socket again.
-DRAIN_POLL_SECONDS = 0.05
+DRAIN_POLL_SECONDS = 0.01
+# A window holding more than this (besides more than EVENTS_STREAM_BUFFER events) is dropped for the store:
+# what one stalled client can hold in memory, whatever the size of the events.
+WINDOW_BYTES = 4 * 1024 * 1024
 # More than EVENTS_SLOW_CLIENT_BYTES unread closes the client only if it also made no progress for this long.
 BYTES_GRACE_SECONDS = 1.0
 
@@ -108,6 +112,7 @@ class Stream:
         self._target: Position | None = None
         self._floor: list[positions.Id] = self.position
         self._window: deque[tuple[StoredEvent, bytes]] = deque()
+        self._window_bytes = 0
         self._renew_before: float = settings.EVENTS_TOKEN_RENEW_SECONDS
         self._expiring_sent = False  # token-expiring, once per end
         self.renewal_due = False  # at its end: the hub's ticker renews or closes it (delivery/renewal.py)
@@ -152,9 +157,11 @@ class Stream:
         if event.type != "disconnect" and not self.may_see(event):
             return False
         self._window.append((event, body))
-        if len(self._window) > self._buffer_limit:
+        self._window_bytes += len(body)
+        if len(self._window) > self._buffer_limit or self._window_bytes > WINDOW_BYTES:
             # Too far behind to hold in memory: the store has it all. Catch up to what the feed has handed out.
             self._window.clear()
+            self._window_bytes = 0
             self.catch_ups += 1
             metrics.STREAM_CATCH_UPS.inc()
             self._catch_up(tuple(self.hub.feed_head()))
@@ -181,7 +188,7 @@ class Stream:
         self._floor = list(positions.later(tuple(self.position), self._target))
         # What the window holds at or below the target is replayed in order instead.
         while self._window and self._window[0][0].place <= self._floor[self._window[0][0].shard]:
-            self._window.popleft()
+            self._window_bytes -= len(self._window.popleft()[1])
 
     def tick(self, now: float) -> None:
         expires_at = self.expires_at
@@ -330,6 +337,7 @@ class Stream:
         position = self.position
         while self._window and size < CHUNK_BYTES:
             event, body = self._window.popleft()
+            self._window_bytes -= len(body)
             if event.place <= position[event.shard]:
                 continue
             position[event.shard] = event.place
@@ -426,6 +434,7 @@ class Stream:
     def _finish(self, reason: CloseReason) -> None:
         dropped = [event for event, _ in self._window if event.type != "disconnect" and self.may_see(event)]
         self._window.clear()
+        self._window_bytes = 0
         if dropped:
             self._record(dropped, DeliveryStatus.DROPPED)
         self.hub.detach(self)
