@@ -1,0 +1,69 @@
+"""A client resuming by Last-Event-ID across `scale.resume_mb` MB of broadcasts stored while it was away: the
+web process's peak RSS growth while the client catches up at full speed, and how long that takes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from bench.support import log
+from bench.trees import CpuWindow, RssWatch, Run, Tree, Webs, quiet
+
+USER = 4
+SETTLE_SECONDS = 1.0
+
+
+async def position(webs: Webs, name: str, port: int, user: int) -> str:
+    """The id a fresh stream of `user` starts at (its first `id:`): where a client that leaves now resumes."""
+    await webs.probe.open(name, port, user)
+    for _ in range(100):
+        stats = await webs.probe.call("stats", name=name)
+        if stats["last_id"]:
+            break
+        await asyncio.sleep(0.05)
+    await webs.probe.call("close", name=name)
+    if not stats["last_id"]:
+        raise RuntimeError(f"stream {name} sent no id to resume from")
+    return str(stats["last_id"])
+
+
+async def run(bench: Run, tree: Tree, scale: Any) -> dict[str, Any]:
+    event_bytes = scale.event_kb * 1024
+    count = max(1, int(scale.resume_mb * 2**20 / event_bytes))
+    async with Webs(bench, tree, "resume") as webs:
+        web, port = await webs.add_web()
+        last_event_id = await position(webs, "before", port, USER)
+        appended = await webs.append(count=count, rate=0, batch=500, broadcast=True, payload_bytes=event_bytes)
+        caught_up_s = await quiet(web.pid)  # the web process has read past them (nobody was listening)
+        await asyncio.sleep(SETTLE_SECONDS)
+        rss = RssWatch(web.pid).start()
+        cpu = CpuWindow({"web": web.pid}).start()
+        started = time.time()
+        opened = await webs.probe.open("resume", port, USER, last_event_id=last_event_id)
+        got = await webs.probe.call("wait", name="resume", events=count, timeout=300, idle=15)
+        memory = rss.stop()
+        web_cpu = cpu.lap()
+    result = {
+        "replayed_mb": round(count * event_bytes / 2**20, 1),
+        "events": count,
+        "event_kb": scale.event_kb,
+        "last_event_id": last_event_id,
+        "append": appended,
+        "web_caught_up_s": caught_up_s,
+        "head_s": opened["seconds"],
+        "received": got["events"],
+        "complete": got["events"] == count,
+        "server_closed": got["server_closed"],
+        "controls": got["controls"],
+        "all_in_s": round(got["last_receipt"] - started, 3) if got["last_receipt"] else None,
+        "memory": memory,
+        "cpu": web_cpu,
+    }
+    log(
+        f"  [{tree.name}] resume by Last-Event-ID across {result['replayed_mb']} MB of broadcasts ({count} x "
+        f"{scale.event_kb} KB): web peak RSS +{memory['peak_growth_mb']} MB; {got['events']}/{count} received, "
+        f"response head after {result['head_s']} s, all after {result['all_in_s']} s"
+        + (", CLOSED by the server" if got["server_closed"] else "")
+    )
+    return result
