@@ -44,10 +44,12 @@ django.setup()
 import redis.asyncio as aioredis  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+import events  # noqa: E402
 from events.core.envelope import parse  # noqa: E402
 from events.core.records import Record  # noqa: E402
 from events.core.store import EventStore  # noqa: E402
 
+CODE = os.path.dirname(os.path.dirname(os.path.abspath(events.__file__ or "")))  # the tree measured
 TOPIC = "bench-store"  # a record's topic: these events come from no Kafka partition (partition -1)
 MAX_BYTES = 1 << 30
 BASE_DATA = {"progressUpdateDTO": {"currentNodeId": "node-1", "status": "RUNNING", "percent": 42}}
@@ -181,7 +183,7 @@ async def serve() -> None:
         except Exception:
             reply({"id": cmd["id"], "error": traceback.format_exc()})
 
-    reply({"id": 0, "ready": True, "announce": appender.announce.describe})
+    reply({"id": 0, "ready": True, "announce": appender.announce.describe, "code": CODE})
     try:
         while line := await reader.readline():
             cmd = json.loads(line)

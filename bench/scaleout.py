@@ -205,6 +205,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "trees": {t.name: {"root": str(t.root), "python": t.python, "code": t.code()} for t in trees},
         "results": {t.name: {} for t in trees},
+        # Work outside this run seen just before each workload (bench/trees.py `calm`).
+        "machine_before": {t.name: {} for t in trees},
     }
     for t in trees:
         log(f"tree {t.name}: {t.root} at {report['trees'][t.name]['code']}, python {t.python}")
@@ -223,9 +225,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for name in names:
             for tree in trees:
                 log(f"== {name} on {tree.name}")
-                machine = await run.calm()
-                result = await WORKLOADS[name](run, tree, scale)
-                report["results"][tree.name][name] = {**result, "machine_before": machine}
+                report["machine_before"][tree.name][name] = await run.calm()
+                report["results"][tree.name][name] = await WORKLOADS[name](run, tree, scale)
                 args.output.write_text(json.dumps(report, indent=2, default=str))
     finally:
         run.redis.stop()

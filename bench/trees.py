@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from bench.support import BENCH, FD_LIMIT, LOGS, Clients, log, percentile, user_name, user_token
 from bench.systems import PATH, SETTINGS
 from scripts.embedded import RedisServer
-from tests.harness import Gateway, Proc, raise_open_files
+from tests.harness import Gateway, Proc, WaitTimeout, raise_open_files
 
 # Between polls of a web process's memory: short enough to catch a peak that lasts a few tens of ms.
 RSS_SAMPLE_SECONDS = 0.005
@@ -390,6 +390,8 @@ class Webs:
             await client.aclose()
         try:
             await self.appender.start()
+            if Path(self.appender.ready["code"]) != self.tree.root:
+                raise RuntimeError(f"the appender runs the code in {self.appender.ready['code']}, not {self.tree.root}")
             await self.probe.start()
             for clients in self.clients:
                 await clients.start()
@@ -410,12 +412,26 @@ class Webs:
 
     async def add_web(self) -> tuple[Proc, int]:
         """One more web process, its hub started (a stream opened and closed), as after its first client."""
-        url = await self.gateway.start_web()
+        for attempt in range(3):
+            try:
+                url = await self.gateway.start_web()
+                break
+            except WaitTimeout as exc:
+                # A free port may be taken between choosing it and daphne listening on it (the cores and ports
+                # are shared): try another.
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
         web = next(w for w in self.gateway.webs if w.url == url)
         port = int(url.rsplit(":", 1)[1])
+        cwd = Path(os.readlink(f"/proc/{web.proc.pid}/cwd"))
+        if cwd != self.tree.root:
+            raise RuntimeError(f"web process {web.proc.pid} runs in {cwd}, not {self.tree.root}")
         await self.probe.open("warm-up", port, 0)
         await self.probe.call("close", name="warm-up")
         return web.proc, port
+
+    async def remove_web(self, port: int) -> None:
+        await self.gateway.stop_web(f"http://127.0.0.1:{port}")
 
     async def append(self, **job: Any) -> dict[str, Any]:
         """One append job of the tree's appender (bench/appender.py `append`)."""
