@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:  # run as a script (bench/scaleout.py), not as -m 
     sys.path.insert(0, str(ROOT))
 
 from bench.support import RESULTS, log  # noqa: E402
-from bench.trees import Run, Tree, parse_tree  # noqa: E402
+from bench.trees import Run, Tree, others_seen, parse_tree  # noqa: E402
 from bench.workloads import burst, replay_isolation, resume_memory, stalled_client, web_cpu  # noqa: E402
 
 
@@ -84,6 +84,21 @@ TARGETS = {
 }
 
 
+async def measured(run: Run, name: str, tree: Tree, scale: Scale, report: dict[str, Any]) -> dict[str, Any]:
+    """One workload on one tree, again (up to --retries times) while other work disturbed it; the least
+    disturbed result. web-cpu retries each rate by itself."""
+    tries: list[dict[str, Any]] = []
+    for _ in range(1 + (0 if name == "web-cpu" else run.retries)):
+        report["machine_before"][tree.name][name] = await run.calm()
+        tries.append(await WORKLOADS[name](run, tree, scale))
+        seen = run.disturbed(tries[-1])
+        if seen is None:
+            break
+        log(f"  ! other work used {seen:.0f}% of a core meanwhile: running {name} on {tree.name} again")
+    best = min(tries, key=lambda r: max(others_seen(r), default=0.0))
+    return {**best, "tries": len(tries)} if name != "web-cpu" else best
+
+
 def headline(results: dict[str, Any]) -> dict[str, Any]:
     """One tree's figures under flat keys (what the last line and the table show)."""
     out: dict[str, Any] = {}
@@ -103,7 +118,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
                 out[f"{prefix}_p99_ms"] = m["p99_ms"]
                 out[f"{prefix}_lost"] = m["lost"]
                 out[f"{prefix}_deliveries_per_s"] = m["deliveries_per_s"]
-    for count, b in (results.get("burst") or {}).items():
+    for count, b in (results.get("burst") or {}).get("bursts", {}).items():
         out[f"burst_{count}_received"] = b["received"]
         out[f"burst_{count}_server_closed"] = b["server_closed"]
     stalled = results.get("stalled")
@@ -171,6 +186,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=300.0,
         help="seconds to wait at most for --calm, then measure anyway (0: never wait)",
     )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="measure again, at most this many times, when other work used more than --calm meanwhile (default 2)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "scaleout.json")
     return parser.parse_args(argv)
 
@@ -217,7 +238,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         # Cancel, so that every `finally` stops what it started (processes run in sessions of their own).
         asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
     scratch = Path(tempfile.mkdtemp(prefix="events-gateway-scaleout-"))
-    run = Run(audit=args.audit, scratch=scratch, calm_below=args.calm, calm_within=args.calm_wait)
+    run = Run(audit=args.audit, scratch=scratch, calm_below=args.calm, calm_within=args.calm_wait, retries=args.retries)
     run.redis.start()
     try:
         for tree in trees:
@@ -225,8 +246,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for name in names:
             for tree in trees:
                 log(f"== {name} on {tree.name}")
-                report["machine_before"][tree.name][name] = await run.calm()
-                report["results"][tree.name][name] = await WORKLOADS[name](run, tree, scale)
+                report["results"][tree.name][name] = await measured(run, name, tree, scale, report)
                 args.output.write_text(json.dumps(report, indent=2, default=str))
     finally:
         run.redis.stop()

@@ -334,6 +334,18 @@ async def calm(*, others_below: float, within: float, sample: float = 2.0) -> di
             return {**seen, "waited_s": round(waited, 1), "calm": seen["others_percent"] < others_below}
 
 
+def others_seen(value: Any) -> list[float]:
+    """Every `others_percent` in a nested result."""
+    if isinstance(value, dict):
+        found = [float(v) for k, v in value.items() if k == "others_percent" and v is not None]
+        return found + [
+            x for k, v in value.items() if k not in {"machine_before", "others_percent"} for x in others_seen(v)
+        ]
+    if isinstance(value, list):
+        return [x for v in value for x in others_seen(v)]
+    return []
+
+
 def cpu_text(lap: dict[str, Any]) -> str:
     procs = ", ".join(
         f"{name} {v['percent']:.0f}" for name, v in lap.items() if name != "machine" and isinstance(v, dict)
@@ -441,8 +453,9 @@ class Webs:
 class Run:
     """What every tree's workloads share in one run: Redis, the scratch databases, the audit mode."""
 
-    def __init__(self, *, audit: str, scratch: Path, calm_below: float, calm_within: float) -> None:
+    def __init__(self, *, audit: str, scratch: Path, calm_below: float, calm_within: float, retries: int) -> None:
         self.redis = RedisServer()
+        self.retries = retries
         self.audit = audit
         self.scratch = scratch
         self.calm_below = calm_below
@@ -458,6 +471,12 @@ class Run:
         elif seen["waited_s"] > 5:
             log(f"  (waited {seen['waited_s']:.0f} s for other work on the machine to calm down)")
         return seen
+
+    def disturbed(self, result: dict[str, Any]) -> float | None:
+        """The most CPU other work used in any measurement window of `result` (% of a core), if that is more
+        than --calm allows; None when the figures stand."""
+        seen = max(others_seen(result), default=0.0)
+        return seen if self.calm_within > 0 and seen >= self.calm_below else None
 
     def database_url(self, tree: Tree) -> str:
         return f"sqlite:///{self.scratch / f'{tree.name}.sqlite3'}"

@@ -19,7 +19,7 @@ WAIT_IDLE_SECONDS = 10.0
 
 
 async def run(bench: Run, tree: Tree, scale: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"bursts": {}}
     for count in scale.bursts:
         async with Webs(bench, tree, f"burst{count}") as webs:
             web, port = await webs.add_web()
@@ -47,7 +47,7 @@ async def run(bench: Run, tree: Tree, scale: Any) -> dict[str, Any]:
                 "memory": rss.stop(),
                 "cpu": cpu.lap(),
             }
-        out[str(count)] = result
+        out["bursts"][str(count)] = result
         verdict = "got everything" if result["complete"] else "INCOMPLETE"
         if result["server_closed"]:
             verdict += ", closed by the server"
