@@ -11,7 +11,7 @@ import asyncio
 import time
 from typing import Any
 
-from bench.support import log
+from bench.support import log, user_name
 from bench.trees import CpuWindow, RssWatch, Run, Tree, Webs, quiet
 
 USER = 4
@@ -19,17 +19,15 @@ SETTLE_SECONDS = 1.0
 
 
 async def position(webs: Webs, name: str, port: int, user: int) -> str:
-    """The id a fresh stream of `user` starts at (its first `id:`): where a client that leaves now resumes."""
+    """Where a client of `user` that leaves now resumes: the id of the last event it received (one event is
+    stored for it, and its stream closed once that has arrived)."""
     await webs.probe.open(name, port, user)
-    for _ in range(100):
-        stats = await webs.probe.call("stats", name=name)
-        if stats["last_id"]:
-            break
-        await asyncio.sleep(0.05)
+    await webs.append(count=1, rate=0, users=[user_name(user)])
+    got = await webs.probe.call("wait", name=name, events=1, timeout=30, idle=30)
     await webs.probe.call("close", name=name)
-    if not stats["last_id"]:
-        raise RuntimeError(f"stream {name} sent no id to resume from")
-    return str(stats["last_id"])
+    if not got["events"] or not got["last_id"]:
+        raise RuntimeError(f"stream {name} received no event to resume from")
+    return str(got["last_id"])
 
 
 async def run(bench: Run, tree: Tree, scale: Any) -> dict[str, Any]:
