@@ -78,12 +78,12 @@ async def layout(webs: Webs, groups: list[Group], idle: Proc, scale: Any, title:
     log(f"  [{webs.tree.name}] {title}, {scale.streams} streams open, nothing flowing: CPU% {quiet_text}")
     for rate in scale.rates:
         tries = []
-        for _ in range(1 + webs.run.retries):
+        for attempt in range(1 + webs.run.retries):
             tries.append(await measure(webs, groups, idle, rate, scale))
             for proc in [idle, *(g.proc for g in groups)]:
                 await quiet(proc.pid, within=60)
             seen = webs.run.disturbed(tries[-1])
-            if seen is None:
+            if seen is None or attempt == webs.run.retries:
                 break
             log(f"  ! other work used {seen:.0f}% of a core meanwhile: measuring {rate}/s again")
         out[str(rate)] = min(tries, key=lambda m: max(others_seen(m), default=0.0))
