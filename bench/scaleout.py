@@ -184,14 +184,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--calm-wait",
         type=float,
-        default=300.0,
-        help="seconds to wait at most for --calm, then measure anyway (0: never wait)",
+        help="seconds to wait at most for --calm, then measure anyway (0: never wait; default 300, --quick 0)",
     )
     parser.add_argument(
         "--retries",
         type=int,
-        default=2,
-        help="measure again, at most this many times, when other work used more than --calm meanwhile (default 2)",
+        help="measure again, at most this many times, when other work used more than --calm meanwhile "
+        "(default 2, --quick 0)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "scaleout.json")
     return parser.parse_args(argv)
@@ -218,10 +217,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown workloads {sorted(unknown)}; choose from {','.join(WORKLOADS)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    calm_wait = args.calm_wait if args.calm_wait is not None else (0.0 if args.quick else 300.0)
+    retries = args.retries if args.retries is not None else (0 if args.quick else 2)
     report: dict[str, Any] = {
         "scale": scale.__dict__,
         "workloads": names,
         "audit": args.audit,
+        "calm": {"below_percent": args.calm, "wait_s": calm_wait, "retries": retries},
         "cores": psutil.cpu_count(),
         "load_average_at_start": psutil.getloadavg(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -239,7 +241,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         # Cancel, so that every `finally` stops what it started (processes run in sessions of their own).
         asyncio.get_running_loop().add_signal_handler(sig, main_task.cancel)
     scratch = Path(tempfile.mkdtemp(prefix="events-gateway-scaleout-"))
-    run = Run(audit=args.audit, scratch=scratch, calm_below=args.calm, calm_within=args.calm_wait, retries=args.retries)
+    run = Run(audit=args.audit, scratch=scratch, calm_below=args.calm, calm_within=calm_wait, retries=retries)
     run.redis.start()
     try:
         for tree in trees:
