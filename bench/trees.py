@@ -135,8 +135,13 @@ class Worker:
         self._next += 1
         future = asyncio.get_running_loop().create_future()
         self._waiting[self._next] = future
-        self.proc.stdin.write(json.dumps({"id": self._next, "cmd": cmd, **args}).encode() + b"\n")
-        await self.proc.stdin.drain()
+        try:
+            self.proc.stdin.write(json.dumps({"id": self._next, "cmd": cmd, **args}).encode() + b"\n")
+            await self.proc.stdin.drain()
+        except ConnectionError as exc:
+            self._waiting.pop(self._next, None)
+            status = await asyncio.wait_for(self.proc.wait(), 10)
+            raise RuntimeError(f"{self.name} exited with {status}:\n{self._log.read_text()[-3000:]}") from exc
         reply: dict[str, Any] = await future
         if "error" in reply:
             raise RuntimeError(f"{self.name} {cmd}: {reply['error']}")
