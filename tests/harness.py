@@ -273,7 +273,8 @@ class Gateway:
     """A gateway deployment: its own topic, dead-letter topic and group, on a given broker, Redis and database.
 
     `settings` are the environment variables it runs with besides its addresses (TEST_SETTINGS for tests;
-    bench/ passes production-like ones); `layout.env` goes on top. Use: `await start()`, then `await stop()`.
+    bench/ passes production-like ones); `layout.env` goes on top. `root` and `python` run another source tree's
+    processes (default: this checkout, this interpreter). Use: `await start()`, then `await stop()`.
     """
 
     def __init__(
@@ -287,8 +288,12 @@ class Gateway:
         name: str = "events",
         log_dir: Path | None = None,
         open_files: int | None = None,
+        root: Path | None = None,
+        python: str | None = None,
     ) -> None:
         self.name = name
+        self.root = root or ROOT
+        self.python = python or sys.executable
         self.layout = layout
         self.bootstrap = bootstrap
         self.topic = f"{name}-{uuid.uuid4().hex[:8]}"
@@ -305,6 +310,7 @@ class Gateway:
             "JWT_SECRET": JWT_SECRET,
             "JWT_ALGORITHMS": "HS256",
             "PYTHONUNBUFFERED": "1",
+            **({"PYTHONPATH": str(root)} if root is not None else {}),
             **settings,
             **layout.env,
         }
@@ -342,7 +348,13 @@ class Gateway:
     async def manage(self, *argv: str) -> None:
         """Run `manage.py <argv>` in this deployment's environment (migrate, shell, ...), failing with its output."""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "manage.py", *argv, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            self.python,
+            "manage.py",
+            *argv,
+            cwd=self.root,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         output, _ = await proc.communicate()
         if proc.returncode != 0:
@@ -365,7 +377,7 @@ class Gateway:
         raise ValueError(f"no web process serves {url}")
 
     def _spawn_web(self, port: int) -> Web:
-        argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "gateway_project.asgi:application"]
+        argv = [self.python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "gateway_project.asgi:application"]
         web = Web(self._proc("web", argv), f"http://127.0.0.1:{port}")
         self.webs.append(web)
         return web
@@ -397,7 +409,7 @@ class Gateway:
 
     def _spawn_consumer(self) -> Consumer:
         port = free_port()
-        argv = [sys.executable, "manage.py", "run_consumer", "--metrics-port", str(port)]
+        argv = [self.python, "manage.py", "run_consumer", "--metrics-port", str(port)]
         consumer = Consumer(self._proc("consumer", argv), port)
         self.consumers.append(consumer)
         return consumer
@@ -407,7 +419,7 @@ class Gateway:
         count = self._spawned[kind]
         name = f"{self.name}-{kind}" + (f"-{count}" if count > 1 else "")
         log_path = self._log_dir / f"{name}.log" if self._log_dir else None
-        return Proc(name, argv, self.env, log_path=log_path, open_files=self._open_files)
+        return Proc(name, argv, self.env, cwd=self.root, log_path=log_path, open_files=self._open_files)
 
     # --- producing ---------------------------------------------------------------------------------------
     async def producer(self) -> AIOKafkaProducer:
