@@ -306,3 +306,22 @@ async def test_a_source_no_stream_reads_is_unsubscribed_after_a_grace(
     while await subscribers():
         assert time.monotonic() < deadline, "the source stayed subscribed"
         await asyncio.sleep(0.1)
+
+
+async def test_streams_opening_together_share_one_read_of_the_heads_taken_after_they_asked(hub: Hub) -> None:
+    reads = 0
+    read = hub.store.heads
+
+    async def counted() -> Any:
+        nonlocal reads
+        reads += 1
+        return await read()
+
+    hub.store.heads = counted  # type: ignore[method-assign]
+    [event_id] = await hub.store.append([_record(1)])
+    together = await asyncio.gather(*(hub.fresh_heads() for _ in range(50)))
+    assert reads == 1
+    assert set(together) == {(positions.parse_redis_id(event_id),)}
+    [later_id] = await hub.store.append([_record(2)])
+    assert await hub.fresh_heads() == (positions.parse_redis_id(later_id),)
+    assert reads == 2

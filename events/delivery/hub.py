@@ -67,6 +67,7 @@ class Hub:
             on_gap=self._gap,
         )
         self._drained = asyncio.Event()  # set whenever the last stream leaves
+        self._next_heads: asyncio.Future[positions.Position] | None = None
         self._tasks: list[asyncio.Task[None]] = []  # slot releases in flight
         self._supervisor = Supervisor()
         self._claim = self.redis.register_script(_CLAIM_LUA)
@@ -144,6 +145,33 @@ class Hub:
         task = asyncio.get_running_loop().create_task(self._release_slot(stream))
         self._tasks.append(task)
         task.add_done_callback(self._forget)
+
+    async def fresh_heads(self) -> positions.Position:
+        """The store's heads, read after this call began (what an opening stream starts from). Streams opening
+        at the same moment share one read: it starts on the loop's next turn, after all of them asked."""
+        future = self._next_heads
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._next_heads = loop.create_future()
+            loop.call_soon(self._read_heads, future)
+        return await asyncio.shield(future)
+
+    def _read_heads(self, future: asyncio.Future[positions.Position]) -> None:
+        self._next_heads = None
+        task = asyncio.get_running_loop().create_task(self.store.heads())
+
+        def settle(done: asyncio.Task[positions.Position]) -> None:
+            if future.done():
+                return
+            if done.cancelled():
+                future.cancel()
+            elif (error := done.exception()) is not None:
+                future.set_exception(error)
+                future.add_done_callback(lambda f: f.exception())  # seen, even if every caller left
+            else:
+                future.set_result(done.result())
+
+        task.add_done_callback(settle)
 
     def feed_head(self) -> positions.Position:
         """Per shard, the last id the feed handed out: a stream that drops its window catches up to it."""

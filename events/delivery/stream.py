@@ -279,7 +279,7 @@ class Stream:
         await self.hub.attach(self)
         self.record = self.record._replace(opened_at=time.time())
         self.hub.audit.opened(self.record)
-        heads = await self.hub.store.heads()
+        heads = await self.hub.fresh_heads()
         start: Position = heads
         notice = b""
         if self.last_event_id:
