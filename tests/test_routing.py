@@ -33,11 +33,12 @@ def test_visible_to_alice(
     )
 
 
-def test_each_event_lives_in_exactly_one_source_a_stream_reads() -> None:
-    sources = routing.sources_for(user="alice", process_instances=["p1"])
-    assert routing.source_of(type="message", user="alice", process_instance=None, broadcast=False) in sources
-    assert routing.source_of(type="message", user=None, process_instance=None, broadcast=True) in sources
-    assert routing.source_of(type="message", user="alice", process_instance="p1", broadcast=False) in sources
-    assert routing.source_of(type="disconnect", user="alice", process_instance="p1", broadcast=False) in sources
-    assert routing.source_of(type="message", user="bob", process_instance=None, broadcast=False) not in sources
-    assert routing.source_of(type="connect", user="alice", process_instance="p1", broadcast=False) is None
+@pytest.mark.parametrize("keys", [routing.Keyspace(), routing.Keyspace(shards=16, cluster=True)])
+def test_each_event_lives_in_exactly_one_source_a_stream_reads(keys: routing.Keyspace) -> None:
+    sources = keys.sources_for(user="alice", process_instances=["p1"])
+    assert keys.source_of(type="message", user="alice", process_instance=None, broadcast=False) in sources
+    assert keys.source_of(type="message", user=None, process_instance=None, broadcast=True) in sources
+    assert keys.source_of(type="message", user="alice", process_instance="p1", broadcast=False) in sources
+    assert keys.source_of(type="disconnect", user="alice", process_instance="p1", broadcast=False) in sources
+    assert keys.source_of(type="message", user="bob", process_instance=None, broadcast=False) not in sources
+    assert keys.source_of(type="connect", user="alice", process_instance="p1", broadcast=False) is None

@@ -84,7 +84,11 @@ class Keyspace:
         return f"{self._tag(shard)}:kafka:{topic}:{partition}"
 
     def source_of(self, *, type: str, user: str | None, process_instance: str | None, broadcast: bool) -> Source | None:
-        """The one per-source stream an event is indexed in (see source_of)."""
+        """The one per-source stream an event is indexed in (None: only its shard's stream of every event).
+
+        A message for a user *and* a process instance lives with the process instance and is filtered by user
+        when delivered; a disconnect lives there too, so open streams meet it in order.
+        """
         if type == "connect":
             return None
         if process_instance is not None:
@@ -105,28 +109,6 @@ class Keyspace:
 class Source:
     key: str  # the per-source stream, and the channel of its live events
     shard: int
-
-
-def source_of(*, type: str, user: str | None, process_instance: str | None, broadcast: bool) -> str | None:
-    """The one per-source stream an event is indexed in (None: only the global stream).
-
-    A message for a user *and* a process instance lives with the process instance and is
-    filtered by user when delivered; a disconnect lives there too, so open streams meet it in order.
-    """
-    if type == "connect":
-        return None
-    if process_instance is not None:
-        return process_source(process_instance)
-    if broadcast:
-        return BROADCAST_SOURCE
-    if user is not None:
-        return user_source(user)
-    return None
-
-
-def sources_for(*, user: str, process_instances: list[str]) -> list[str]:
-    """The per-source streams a stream of `user` following `process_instances` reads from."""
-    return [user_source(user), BROADCAST_SOURCE, *(process_source(p) for p in process_instances)]
 
 
 def visible_to(

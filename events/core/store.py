@@ -58,7 +58,7 @@ class AppendRow(NamedTuple):
     data: str
     published_at: str  # the Kafka record's timestamp, epoch ms
     received_at: str  # when the batch reached the store, epoch ms
-    source_key: str  # the per-source stream, '' for none (routing.source_of)
+    source_key: str  # the per-source stream, '' for none (Keyspace.source_of)
     dedup_key: str  # '' when there is no producer id
     offset_key: str  # '' for events that do not come from Kafka
     packed: bytes  # the per-source entry (StoredEvent.pack)

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from events.core import positions
@@ -249,7 +248,6 @@ class Feed:
         self._link_of: dict[str, _Link] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self.unreadable = 0
         self._heard = metrics.LIVE_EVENTS
 
     # --- subscriptions ------------------------------------------------------------------------------
@@ -312,7 +310,6 @@ class Feed:
         self._heard.inc()
         event = self.store.decode_live(source, message)
         if event is None:
-            self.unreadable += 1
             metrics.TASK_FAILURES.labels("hub-feed").inc()
             logger.error("skipping an unreadable live event", extra={"channel": source.key})
             return
@@ -344,8 +341,3 @@ class Feed:
             for future in futures:
                 future.cancel()
         self._waiters.clear()
-
-
-def single_node(client: aioredis.Redis) -> Callable[[str], tuple[str, Any]]:
-    """Every channel on the one Redis."""
-    return lambda channel: ("redis", client)

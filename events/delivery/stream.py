@@ -121,7 +121,6 @@ class Stream:
         self._close_reason: CloseReason | None = None
         self._last_write = time.time()
         self._ping_due = False
-        self._written_bytes = 0
         self.delivered = 0
         self.catch_ups = 0  # times the window was dropped for the store
         # The stream's audit row; opened_at is set on registration and the end fields on close.
@@ -250,14 +249,9 @@ class Stream:
                     elif replay_target == self._target:
                         replay = None
                         chunk = self._caught_up(replay_target)
-                    if self._notices:
-                        chunk = b"".join(self._notices) + chunk
-                        self._notices.clear()
+                    chunk = self._take_notices() + chunk
                 else:
-                    chunk = self._take()
-                    if self._notices:
-                        chunk = b"".join(self._notices) + chunk
-                        self._notices.clear()
+                    chunk = self._take_notices() + self._take()
                     if not chunk and not first:
                         if self._ping_due:
                             chunk = sse.PING
@@ -328,6 +322,10 @@ class Stream:
         self._target = None
         return self._take() or sse.position(positions.encode(tuple(self.position)))
 
+    def _take_notices(self) -> bytes:
+        notices, self._notices = self._notices, []
+        return b"".join(notices)
+
     def _take(self) -> bytes:
         if not self._window:
             return b""
@@ -388,7 +386,6 @@ class Stream:
 
     def _written(self, chunk: bytes) -> bytes:
         self._last_write = time.time()
-        self._written_bytes += len(chunk)
         return chunk
 
     async def _drain(self) -> None:

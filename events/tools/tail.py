@@ -16,7 +16,7 @@ from datetime import datetime
 
 import redis.asyncio as aioredis
 
-from events.core import sse
+from events.core import positions, sse
 from events.core.records import StoredEvent
 from events.core.store import EventStore, parse_id
 
@@ -68,7 +68,7 @@ def position_parse(value: str) -> str | None:
             moment = moment.replace(tzinfo=datetime.now().astimezone().tzinfo)
         ms = int(moment.timestamp() * 1000)
     # Ids are `<ms>-<seq>`: everything stored at or after `ms` comes after the last id of the millisecond before.
-    return f"{ms - 1}-18446744073709551615" if ms > 0 else "0-0"
+    return positions.redis_id(positions.at_time(ms, 1)[0])
 
 
 async def _held(store: EventStore, start: str) -> bool:
