@@ -96,8 +96,10 @@ class GatewayASGIHandler(ASGIHandler):
                 await send(start)
                 await send({"type": "http.response.body", "body": first, "more_body": True})
                 del start, first
+                send_now = probe.send_now if probe is not None else None
                 async for chunk in body:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if send_now is None or not send_now(chunk):
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
                 await self.send_response(response, send)

@@ -5,6 +5,11 @@ gateway_project/asgi.py with `install()`. The hub, streams and endpoint know not
   the server's buffer grow without bound. Under daphne the `send` callable is bound to the Twisted request,
   whose transport knows its buffered byte count (`probe_for`); elsewhere there is no probe and only the
   stream's own queue bounds it.
+- Writes: Twisted queues every write and sends it on the reactor's next turn, registering the socket for
+  writing and unregistering it again (two epoll calls, and daphne's message handling, per event on every
+  stream). A stream's body pieces go to the socket at once when nothing is queued before them
+  (`TransportProbe.send_now`); what the socket does not take, and everything while anything is queued, goes
+  Twisted's way, so order is kept and a slow client still fills the buffer the probe measures.
 - Graceful shutdown: SIGTERM/SIGINT first close the open streams with a final `retry:` (clients reconnect to
   another process) and flush audits, then stop the reactor. Twisted alone would cancel the streams at once.
 - Logs: daphne writes its access log straight to stdout; with JSON logs it goes through `logging` instead.
@@ -37,10 +42,41 @@ def install(*, json_access_log: bool) -> None:
 
 
 class TransportProbe:
-    """What a stream may ask of its connection: bytes not yet taken by the client, and abort."""
+    """What a stream may ask of its connection: bytes not yet taken by the client, abort, and writing a
+    piece of the body straight to the socket."""
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, request: Any, transport: Any) -> None:
+        self._request = request
         self._transport = transport
+        # A plain TCP connection (not TLS, which has its own layer) that Twisted writes with writeSomeData.
+        self._direct = not getattr(transport, "TLS", True) and hasattr(transport, "writeSomeData")
+
+    def send_now(self, chunk: bytes) -> bool:
+        """`chunk` as the next piece of the response body, written to the socket now if nothing is queued
+        before it (the rest, if the socket takes only part, is queued the usual way). False, having written
+        nothing, when the response is not in a state to do so: the caller sends it through daphne."""
+        request, t = self._request, self._transport
+        if (
+            not self._direct
+            or not chunk
+            or not request.startedWriting
+            or request.finished
+            or request._disconnected
+            or not t.connected
+            or t.disconnecting
+            or t._writeDisconnected
+            or t._tempDataLen
+            or len(t.dataBuffer) - t.offset
+        ):
+            return False
+        data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if request.chunked else chunk
+        request.sentLength += len(chunk)
+        sent = t.writeSomeData(data)
+        if isinstance(sent, BaseException):
+            sent = 0  # the connection is gone: queueing the data lets Twisted find out and close it
+        if sent < len(data):
+            t.write(data[sent:])
+        return True
 
     def buffered(self) -> int | None:
         """Bytes written by the application that the client has not yet taken."""
@@ -63,7 +99,7 @@ def probe_for(send: Any) -> TransportProbe | None:
         channel = getattr(send.args[0], "channel", None)
         transport = getattr(channel, "transport", None)
         if transport is not None and hasattr(transport, "dataBuffer"):
-            return TransportProbe(transport)
+            return TransportProbe(send.args[0], transport)
     return None
 
 

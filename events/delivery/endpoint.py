@@ -69,6 +69,11 @@ class SocketProbe(Protocol):
 
     def abort(self) -> None: ...
 
+    def send_now(self, chunk: bytes) -> bool:
+        """Write a piece of the response body straight to the socket if nothing is waiting before it; False
+        if the caller must send it the ASGI way instead."""
+        ...
+
 
 ProbeFor = Callable[[Send], SocketProbe | None]
 

@@ -14,6 +14,11 @@ connection lives; what it cannot promise is handled by position, never by trust:
 
 `head` is, per shard, the highest id handed out so far: every event above it not yet handed out is still
 to come through the feed, which is what a stream that drops its in-memory window catches up to.
+
+A subscriber connection is opened by redis-py (address, TLS, authentication, database) and then read by the
+feed itself: what arrives is fed to a hiredis reader and every complete reply handed out in one pass, so a
+read that brings a hundred messages costs one wake-up, not a hundred (redis-py's PubSub awaits, times and
+wraps each message on its own; at thousands of events a second that was a fifth of a web process's CPU).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import hiredis
 from redis.crc import key_slot
 
 from events.core import positions
@@ -48,6 +54,8 @@ QUIET_SECONDS = 5.0
 UNSUBSCRIBE_AFTER_SECONDS = 10.0
 # Channels per SUBSCRIBE command when many streams open at once.
 SUBSCRIBE_BATCH = 1000
+# Bytes asked of the socket per read: many messages at once under load.
+READ_BYTES = 256 * 1024
 
 
 class _Link:
@@ -57,7 +65,7 @@ class _Link:
         self.feed = feed
         self.name = name
         self.client = client
-        self.pubsub: Any = None
+        self.connection: Any = None  # redis-py's connection while a session lasts
         self.channels: set[str] = set()  # wanted on this node
         self.live: set[str] = set()  # confirmed by the server, no unsubscribe sent since
         self._outstanding: dict[str, int] = {}  # subscribe commands sent, not yet confirmed
@@ -104,17 +112,18 @@ class _Link:
                 self.live.clear()
                 self._outstanding.clear()
                 self._unsubscribing.clear()
-                if self.pubsub is not None:
+                if self.connection is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self.pubsub.aclose(), CONNECT_SECONDS)
-                    self.pubsub = None
+                        await asyncio.wait_for(self.connection.disconnect(), CONNECT_SECONDS)
+                    self.connection = None
             first = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
 
     async def _session(self, *, resumed: bool) -> None:
-        self.pubsub = self.client.pubsub()
-        await asyncio.wait_for(self.pubsub.connect(), CONNECT_SECONDS)
+        # A connection of the node's pool's kind, never returned to the pool: it is the feed's alone.
+        self.connection = self.client.connection_pool.make_connection()
+        await asyncio.wait_for(self.connection.connect(), CONNECT_SECONDS)
         self._to_subscribe = set(self.channels)
         self._idle_since.clear()
         await self._send()
@@ -161,7 +170,7 @@ class _Link:
         for batch in self.feed.batches(pending):
             for channel in batch:
                 self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
-            await self.pubsub.execute_command(subscribe, *batch)
+            await self._command(subscribe, *batch)
         cutoff = time.monotonic() - UNSUBSCRIBE_AFTER_SECONDS
         leaving = sorted(c for c, since in self._idle_since.items() if since <= cutoff and c not in self.channels)
         for channel in leaving:
@@ -169,39 +178,56 @@ class _Link:
             self.live.discard(channel)
             self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
         for batch in self.feed.batches(leaving):
-            await self.pubsub.execute_command(unsubscribe, *batch)
+            await self._command(unsubscribe, *batch)
+
+    async def _command(self, *args: str) -> None:
+        connection = self.connection
+        await connection.send_packed_command(connection.pack_command(*args), check_health=False)
 
     async def _read(self) -> None:
-        feed = self.feed
-        message_types = feed.message_types
+        # The connection's stream reader, read directly (see the module docstring); nothing else reads it.
+        stream: asyncio.StreamReader = self.connection._reader
+        replies = hiredis.Reader()
         pinged = False
         while True:
-            response = await self.pubsub.parse_response(block=False, timeout=QUIET_SECONDS)
-            if response is None:
+            try:
+                async with asyncio.timeout(QUIET_SECONDS):
+                    data = await stream.read(READ_BYTES)
+            except TimeoutError:
                 # Quiet: make sure the connection is still there (a silent one would never say it is not).
                 if pinged:
-                    raise ConnectionError(f"no answer to a ping within {QUIET_SECONDS:.0f}s")
-                await self.pubsub.ping()
+                    raise ConnectionError(f"no answer to a ping within {QUIET_SECONDS:.0f}s") from None
+                await self._command("PING")
                 pinged = True
                 continue
+            if not data:
+                raise ConnectionError("the server closed the subscriber connection")
             pinged = False
-            if not isinstance(response, list) or len(response) < 3:
-                continue
-            kind = response[0]
-            if kind in message_types:
-                feed.deliver(response[1], response[2])
-            elif kind in feed.confirm_types:
-                self._confirmed(_text(response[1]))
-            elif kind in feed.unsubscribe_types:
-                channel = _text(response[1])
-                asked = self._unsubscribing.get(channel, 0)
-                if asked > 1:
-                    self._unsubscribing[channel] = asked - 1
-                elif asked == 1:
-                    del self._unsubscribing[channel]
-                elif channel in self.channels:
-                    # Not asked for (on a cluster: its slot moved to another node): start over.
-                    raise ConnectionError(f"the server dropped the subscription to {channel}")
+            replies.feed(data)
+            while (reply := replies.gets()) is not False:
+                self._reply(reply)
+
+    def _reply(self, reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            raise ConnectionError(f"the server refused a subscriber command: {reply}")
+        if not isinstance(reply, list) or len(reply) < 3:
+            return  # a ping's answer
+        feed = self.feed
+        kind = reply[0]
+        if kind == feed.message_type:
+            feed.deliver(reply[1], reply[2])
+        elif kind == feed.confirm_type:
+            self._confirmed(_text(reply[1]))
+        elif kind == feed.unsubscribe_type:
+            channel = _text(reply[1])
+            asked = self._unsubscribing.get(channel, 0)
+            if asked > 1:
+                self._unsubscribing[channel] = asked - 1
+            elif asked == 1:
+                del self._unsubscribing[channel]
+            elif channel in self.channels:
+                # Not asked for (on a cluster: its slot moved to another node): start over.
+                raise ConnectionError(f"the server dropped the subscription to {channel}")
 
     def _confirmed(self, channel: str) -> None:
         left = self._outstanding.get(channel, 0) - 1
@@ -239,11 +265,12 @@ class Feed:
         self._on_gap = on_gap
         self._sharded = sharded
         self.commands = ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
-        self.message_types = {b"smessage", "smessage"} if sharded else {b"message", "message"}
-        self.confirm_types = {b"ssubscribe", "ssubscribe"} if sharded else {b"subscribe", "subscribe"}
-        self.unsubscribe_types = {b"sunsubscribe", "sunsubscribe"} if sharded else {b"unsubscribe", "unsubscribe"}
+        # Reply kinds as the feed's reader gives them (bytes).
+        self.message_type = b"smessage" if sharded else b"message"
+        self.confirm_type = b"ssubscribe" if sharded else b"subscribe"
+        self.unsubscribe_type = b"sunsubscribe" if sharded else b"unsubscribe"
         self.head: list[positions.Id] = [positions.ZERO] * store.shards
-        self._sources: dict[str, Source] = {}
+        self._sources: dict[bytes, Source] = {}  # by channel name as the reader gives it
         self._links: dict[str, _Link] = {}
         self._link_of: dict[str, _Link] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -261,11 +288,11 @@ class Feed:
         return list(by_slot.values())
 
     def want(self, source: Source) -> None:
-        self._sources[source.key] = source
+        self._sources[source.key.encode()] = source
         self._link(source.key).want(source.key)
 
     def unwant(self, source: Source) -> None:
-        self._sources.pop(source.key, None)
+        self._sources.pop(source.key.encode(), None)
         link = self._link_of.pop(source.key, None)
         if link is not None:
             link.unwant(source.key)
@@ -303,8 +330,8 @@ class Feed:
         return link
 
     # --- events -------------------------------------------------------------------------------------
-    def deliver(self, channel: bytes | str, message: bytes) -> None:
-        source = self._sources.get(_text(channel))
+    def deliver(self, channel: bytes, message: bytes) -> None:
+        source = self._sources.get(channel)
         if source is None:
             return  # unsubscribed since it was sent
         self._heard.inc()
