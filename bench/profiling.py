@@ -65,16 +65,17 @@ THREAD_KINDS = {
 }
 # Stages of the per-delivery path, counted inclusively (a sample inside any matching frame).
 STAGES = [
-    ("hub: read store + fan-out", ("_read (events/delivery/hub.py)",)),
-    ("hub: fan_out", ("fan_out (events/delivery/hub.py)",)),
-    ("stream: push (queueing)", ("push (events/delivery/stream.py)",)),
+    ("feed: read + hand out live events", ("_read (events/delivery/feed.py)",)),
+    ("feed: decode", ("decode_live (events/core/store.py)",)),
+    ("hub: dispatch to streams", ("_dispatch (events/delivery/hub.py)",)),
+    ("sse: render", ("render (events/delivery/stream.py)",)),
     ("stream: body generator", ("body (events/delivery/stream.py)",)),
     ("stream: _take + audit/metrics record", ("_take (events/delivery/stream.py)",)),
-    ("layer: announcements", ("_listen (events/delivery/hub.py)",)),
-    ("django: streaming response", ("send_response (django/core/handlers/asgi.py)",)),
+    ("stream: open (auth, slot, attach)", ("_respond_opening (events/delivery/endpoint.py)",)),
+    ("socket: direct writes", ("send_now (events/delivery/daphne.py)",)),
     ("daphne: handle_reply", ("handle_reply (daphne/http_protocol.py)",)),
     ("twisted: socket writes", ("doWrite (twisted/internet/", "writeSomeData (twisted/internet/")),
-    ("audit writer thread (db)", ("_write (events/ingest/audit_sink.py)",)),
+    ("audit writer", ("audit_writer.py",)),
     ("metrics (prometheus observe)", ("observe (prometheus_client/metrics.py)",)),
 ]
 

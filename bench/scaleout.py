@@ -62,6 +62,7 @@ class Scale:
     resume_mb: float = 30.0
     replay_events: int = 200_000
     live_rate: int = 200  # events/s to the other stream during the replay
+    profile: bool = False  # py-spy on the first web process with streams while web-cpu appends
 
 
 QUICK = Scale(streams=200, rates=(500, 1250), seconds=5, stall_mb=10, resume_mb=8, replay_events=20_000, live_rate=100)
@@ -191,6 +192,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="measure again, at most this many times, when other work used more than --calm meanwhile "
         "(default 2, --quick 0)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy on web1 during each web-cpu rate (costs CPU: the figures of such a run are not comparable)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "scaleout.json")
     return parser.parse_args(argv)

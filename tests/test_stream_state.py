@@ -101,18 +101,21 @@ class _Client:
         self._arrived = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._pump())
 
+    def received(self, chunk: bytes) -> None:
+        self._rest += chunk
+        *complete, self._rest = self._rest.split(b"\n\n")
+        for raw in complete:
+            fields: dict[str, str] = {}
+            for line in raw.decode().split("\n"):
+                name, _, value = line.partition(": ")
+                fields[name] = value
+            self.blocks.append(fields)
+        self._arrived.set()
+
     async def _pump(self) -> None:
         try:
             async for chunk in self.body:
-                self._rest += chunk
-                *complete, self._rest = self._rest.split(b"\n\n")
-                for raw in complete:
-                    fields: dict[str, str] = {}
-                    for line in raw.decode().split("\n"):
-                        name, _, value = line.partition(": ")
-                        fields[name] = value
-                    self.blocks.append(fields)
-                self._arrived.set()
+                self.received(chunk)
         finally:
             self.ended = True
             self._arrived.set()
@@ -146,6 +149,46 @@ async def test_a_live_stream_gets_its_events_in_order_with_their_ids(hub: Hub) -
     await client.read(until=lambda c: len(c.data()) >= 5)
     assert client.data() == [0, 1, 2, 3, 4]
     assert [b["id"] for b in client.events("E")] == ids[:5]
+    await client.close()
+
+
+class _Socket:
+    """What the server adapter's send_now does, as a stream sees it: writes a piece at once, or refuses
+    (something is queued before it) every `refuse_every`-th time."""
+
+    def __init__(self, refuse_every: int = 0) -> None:
+        self.client: _Client | None = None
+        self.refuse_every = refuse_every
+        self.offered = 0
+        self.written = 0
+
+    def send_now(self, chunk: bytes) -> bool:
+        self.offered += 1
+        if self.client is None or (self.refuse_every and self.offered % self.refuse_every == 0):
+            return False
+        self.written += 1
+        self.client.received(chunk)
+        return True
+
+
+@pytest.mark.parametrize("refuse_every", [0, 3])
+async def test_live_events_written_straight_to_the_socket_keep_their_order_and_ids(hub: Hub, refuse_every: int) -> None:
+    socket = _Socket(refuse_every)
+    stream = _stream(hub, send_now=socket.send_now)
+    client = _Client(stream)
+    socket.client = client
+    await client.read(until=lambda c: c.blocks)
+    ids: list[str] = []
+    for start in range(0, 200, 10):
+        ids += await hub.store.append([_record(n) for n in range(start, start + 10)] + [_record(-1, user="bob")])
+        await asyncio.sleep(0.01)
+    await client.read(until=lambda c: len(c.data()) >= 200)
+    assert client.data() == list(range(200))
+    assert [b["id"] for b in client.events("E")] == [i for n, i in enumerate(ids) if n % 11 != 10]
+    assert socket.written > 0  # the direct path was taken (the body was waiting between batches)
+    if refuse_every:
+        assert socket.written < socket.offered  # and refusals went through the window, in order
+    assert stream.delivered == 200
     await client.close()
 
 

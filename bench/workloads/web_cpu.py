@@ -18,7 +18,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from bench.support import Clients, log, percentile, user_name, user_token
+from bench.profiling import Profiler
+from bench.support import RESULTS, Clients, log, percentile, user_name, user_token
 from bench.systems import PATH
 from bench.trees import CpuWindow, Run, Tree, Webs, cpu_text, others_seen, quiet
 from tests.harness import Proc
@@ -112,6 +113,10 @@ async def measure(webs: Webs, groups: list[Group], idle: Proc, rate: int, scale:
     }
     for group in groups:
         procs[f"client-{group.label}"] = group.clients.pids[0]
+    profiler = None
+    if scale.profile:
+        path = RESULTS / f"profile-web-cpu-{webs.tree.name}-{len(groups)}web-{rate}.txt"
+        profiler = Profiler(groups[0].proc.pid, path)
     window = CpuWindow(procs).start()
     started = time.time()
     appended = await webs.append(
@@ -121,6 +126,7 @@ async def measure(webs: Webs, groups: list[Group], idle: Proc, rate: int, scale:
     expected = {g.label: sum(share(total, users, u) for u in g.users) for g in groups}
     stats = await drain(groups, expected)
     lap = window.lap()
+    profile = await profiler.stop() if profiler is not None else None
     result: dict[str, Any] = {
         "rate": rate,
         "events": total,
@@ -131,6 +137,8 @@ async def measure(webs: Webs, groups: list[Group], idle: Proc, rate: int, scale:
         "machine_before": machine_before,
         "webs": {},
     }
+    if profile is not None:
+        result["profile"] = profile
     merged: Counter[int] = Counter()
     received = 0
     last_receipt = started

@@ -279,6 +279,7 @@ async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
         user_agent=audit_text(request.headers.get("user-agent", ""), 512),
         write_buffer=probe.buffered if probe else None,
         abort=probe.abort if probe else None,
+        send_now=probe.send_now if probe else None,
         since_ms=since_ms,
     )
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BufferProbe = Callable[[], int | None]
+SendNow = Callable[[bytes], bool]
 # Write more only while the server holds less than this for the client; bytes a chunk aims at.
 HIGH_WATER = 1024 * 1024
 CHUNK_BYTES = 256 * 1024
@@ -86,6 +87,7 @@ class Stream:
         user_agent: str,
         write_buffer: BufferProbe | None = None,
         abort: Callable[[], None] | None = None,
+        send_now: SendNow | None = None,
         since_ms: int | None = None,
     ) -> None:
         self.hub = hub
@@ -97,6 +99,10 @@ class Stream:
         self.expires_at = expires_at
         self._write_buffer = write_buffer
         self._abort = abort
+        self._send_now = send_now
+        # The body is waiting for live events with everything before written: the next one may go straight
+        # to the socket from offer() (the server adapter writes it only if nothing is queued before it).
+        self._parked = False
         keys = hub.store.keys
         self._shards = hub.store.shards
         self._source_of_process = {p: keys.process_source(p) for p in self.followed}
@@ -153,8 +159,11 @@ class Stream:
         """A live event of one of this stream's sources, in id order per shard; True if kept for writing."""
         if self._close_reason is not None or event.place <= self._floor[event.shard]:
             return False
-        if event.type != "disconnect" and not self.may_see(event):
-            return False
+        if event.type != "disconnect":
+            if not self.may_see(event):
+                return False
+            if self._parked and not self._wake.is_set() and self._write_now(event, body):
+                return True
         self._window.append((event, body))
         self._window_bytes += len(body)
         if len(self._window) > self._buffer_limit or self._window_bytes > WINDOW_BYTES:
@@ -165,6 +174,22 @@ class Stream:
             metrics.STREAM_CATCH_UPS.inc()
             self._catch_up(tuple(self.hub.feed_head()))
         self._wake.set()
+        return True
+
+    def _write_now(self, event: StoredEvent, body: bytes) -> bool:
+        """A live event the stream may see, written at once while the body waits (see offer); False, having
+        changed nothing, if it must go through the window instead."""
+        send_now = self._send_now
+        position = self.position
+        before = position[event.shard]
+        if send_now is None or event.place <= before:
+            return False
+        position[event.shard] = event.place
+        if not send_now(sse.id_line(self._id_of(event)) + body):
+            position[event.shard] = before
+            return False
+        self._last_write = time.time()
+        self._record([event], DeliveryStatus.DELIVERED)
         return True
 
     def may_see(self, event: StoredEvent) -> bool:
@@ -256,7 +281,13 @@ class Stream:
                         if self._ping_due:
                             chunk = sse.PING
                         else:
-                            await self._wake.wait()
+                            # Everything so far is written (the server asks for the next piece only after
+                            # sending the last): offer() may write live events itself meanwhile.
+                            self._parked = True
+                            try:
+                                await self._wake.wait()
+                            finally:
+                                self._parked = False
                             self._wake.clear()
                             continue
                 self._ping_due = False
