@@ -47,15 +47,21 @@ def payload(
         '{"data":'
         + data_json
         + ',"processInstanceUuid":'
-        + json.dumps(process_instance, ensure_ascii=False)
+        + _json_string(process_instance)
         + ',"user":'
-        + json.dumps(user, ensure_ascii=False)
+        + _json_string(user)
         + ',"broadcast":'
         + ("true" if broadcast else "false")
         + ',"publishedAt":"'
         + iso_from_ms(published_ms)
         + '"}'
     )
+
+
+@functools.lru_cache(maxsize=16384)
+def _json_string(value: str | None) -> str:
+    # Users and process instances recur from event to event: each is encoded once.
+    return json.dumps(value, ensure_ascii=False)
 
 
 def frame(event_id: str, event: str, data: str) -> bytes:

@@ -381,9 +381,10 @@ class EventStore:
     def decode_live(self, source: Source, message: bytes) -> StoredEvent | None:
         """An event published on a source's channel (`<id> <packed>`); None if it cannot be read."""
         rid, _, packed = message.partition(b" ")
-        with contextlib.suppress(KeyError, ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException):
+        try:
             return StoredEvent.from_packed(rid.decode("ascii"), packed, shard=source.shard, shards=self.shards)
-        return None
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException):
+            return None
 
     async def replay(self, *, sources: Sequence[Source], after: Position, until: Position) -> list[StoredEvent]:
         """Every event in `sources` after `after` up to `until` (shard by shard), in id order, in one list.

@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import bisect
+import math
 import platform
+from collections.abc import Iterator
 from typing import Any
 
 import django
 from django.db.backends.signals import connection_created
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+
+class LoopHistogram(Collector):
+    """A histogram observed from one thread only (the web process's event loop), once per delivery: plain
+    counts, no lock (prometheus_client's Histogram takes a lock and walks its buckets per observation, a
+    measurable share of a delivery's CPU). Scraped as a histogram like any other."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = tuple(float(b) for b in buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one: above every bound (+Inf)
+        self._sum = 0.0
+        REGISTRY.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        counts, total = list(self._counts), self._sum  # a consistent enough copy: scrapes may run on a thread
+        buckets, cumulative = [], 0
+        for bound, count in zip((*self._bounds, math.inf), counts, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=total)
+
 
 # The release, as pyproject.toml's [project] version says (tests/test_observability.py keeps them equal).
 VERSION = "0.1.0"
@@ -28,7 +61,7 @@ OPEN_STREAMS = Gauge("gateway_open_streams", "SSE streams open in this process")
 STREAMS_REFUSED = Counter("gateway_streams_refused", "Stream requests refused before opening", ["status"])
 AUDIT_BATCH_SECONDS = Histogram("gateway_audit_batch_seconds", "Time to write one batch of stream audits")
 ASYNCIO_TASKS = Gauge("gateway_asyncio_tasks", "Tasks alive in the web process's event loop")
-DELIVERY_LATENCY = Histogram(
+DELIVERY_LATENCY = LoopHistogram(
     "gateway_delivery_latency_seconds",
     "Kafka record timestamp to bytes written on the stream",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
