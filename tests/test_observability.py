@@ -170,3 +170,20 @@ def test_env_example_lists_what_the_compose_file_reads() -> None:
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.MULTILINE))
     assert read
     assert read - documented == set()
+
+
+def test_the_delivery_latency_histogram_counts_each_observation_in_its_bucket() -> None:
+    def sample(suffix: str, le: str | None = None) -> float:
+        labels = {"le": le} if le is not None else {}
+        return REGISTRY.get_sample_value(f"gateway_delivery_latency_seconds{suffix}", labels) or 0.0
+
+    before = {le: sample("_bucket", le) for le in ("0.001", "0.005", "1.0", "+Inf")}
+    count, total = sample("_count"), sample("_sum")
+    for seconds in (0.0005, 0.001, 0.003, 0.7, 100.0):  # a bound itself counts in its own bucket
+        metrics.DELIVERY_LATENCY.observe(seconds)
+    assert sample("_bucket", "0.001") - before["0.001"] == 2
+    assert sample("_bucket", "0.005") - before["0.005"] == 3
+    assert sample("_bucket", "1.0") - before["1.0"] == 4
+    assert sample("_bucket", "+Inf") - before["+Inf"] == 5
+    assert sample("_count") - count == 5
+    assert sample("_sum") - total == pytest.approx(100.7045)

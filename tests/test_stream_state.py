@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -320,6 +321,45 @@ async def test_after_redis_restarts_a_stream_goes_on_with_what_is_stored_next(se
         while not await delivered_after_restart():
             assert time.monotonic() < deadline, "the stream got nothing after Redis came back"
         assert client.data()[0] == 1
+        await client.close()
+        await hub.stop(grace=1)
+    finally:
+        server.stop()
+
+
+async def test_a_subscriber_connection_that_goes_silent_is_noticed_and_replaced(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis frozen (SIGSTOP): the connection stays open but nothing answers. The feed must notice (readiness
+    # says so) instead of waiting forever, and once Redis answers again the stream goes on, exactly.
+    monkeypatch.setattr(feed_module, "QUIET_SECONDS", 0.5)
+    server = RedisServer().start()
+    try:
+        settings.REDIS_URL = server.url
+        settings.AUDIT_DELIVERIES = "off"
+        hub = Hub()
+        await hub.start()
+        client = _Client(_stream(hub))
+        await client.read(until=lambda c: c.blocks)
+        await hub.store.append([_record(1)])
+        await client.read(until=lambda c: len(c.data()) >= 1)
+        assert hub.healthy
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 30
+            while hub.healthy:
+                assert time.monotonic() < deadline, "a silent subscriber connection went unnoticed"
+                await asyncio.sleep(0.1)
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        await hub.store.append([_record(2), _record(3)])
+        await client.read(until=lambda c: len(c.data()) >= 3, timeout=30)
+        assert client.data() == [1, 2, 3]
+        deadline = time.monotonic() + 30
+        while not hub.healthy:
+            assert time.monotonic() < deadline, "the feed did not reconnect"
+            await asyncio.sleep(0.1)
         await client.close()
         await hub.stop(grace=1)
     finally:

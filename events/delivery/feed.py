@@ -75,6 +75,7 @@ class _Link:
         self._unsubscribing: dict[str, int] = {}  # unsubscribe commands sent, not yet confirmed
         self.connected = asyncio.Event()
         self._progress = asyncio.Event()  # set on each confirmation
+        self._heard = False  # anything read since the watch last looked
 
     def want(self, channel: str) -> None:
         self.channels.add(channel)
@@ -131,6 +132,7 @@ class _Link:
         tasks = {
             loop.create_task(self._read(), name=f"feed-read:{self.name}"),
             loop.create_task(self._sender(), name=f"feed-send:{self.name}"),
+            loop.create_task(self._watch(), name=f"feed-watch:{self.name}"),
         }
         if resumed:
             tasks.add(loop.create_task(self._caught_up(), name=f"feed-resume:{self.name}"))
@@ -188,24 +190,29 @@ class _Link:
         # The connection's stream reader, read directly (see the module docstring); nothing else reads it.
         stream: asyncio.StreamReader = self.connection._reader
         replies = hiredis.Reader()
-        pinged = False
         while True:
-            try:
-                async with asyncio.timeout(QUIET_SECONDS):
-                    data = await stream.read(READ_BYTES)
-            except TimeoutError:
-                # Quiet: make sure the connection is still there (a silent one would never say it is not).
-                if pinged:
-                    raise ConnectionError(f"no answer to a ping within {QUIET_SECONDS:.0f}s") from None
-                await self._command("PING")
-                pinged = True
-                continue
+            data = await stream.read(READ_BYTES)
             if not data:
                 raise ConnectionError("the server closed the subscriber connection")
-            pinged = False
+            self._heard = True
             replies.feed(data)
             while (reply := replies.gets()) is not False:
                 self._reply(reply)
+
+    async def _watch(self) -> None:
+        """A connection quiet for QUIET_SECONDS is pinged (a silent one would never say it is gone); quiet for
+        as long again, it is given up. One timer for the connection, not one per read."""
+        pinged = False
+        while True:
+            self._heard = False
+            await asyncio.sleep(QUIET_SECONDS)
+            if self._heard:
+                pinged = False
+            elif pinged:
+                raise ConnectionError(f"no answer to a ping within {QUIET_SECONDS:.0f}s")
+            else:
+                await self._command("PING")
+                pinged = True
 
     def _reply(self, reply: Any) -> None:
         if isinstance(reply, hiredis.ReplyError):
