@@ -313,13 +313,21 @@ _MODEL_BACKEND = "django.contrib.auth.backends.ModelBackend"
 
 
 def _load_by_usernames(usernames: list[str]) -> dict[str, Account]:
-    """Match or create tokens' users: one query for those that exist."""
+    """Match or create tokens' users: one query for those that exist; those seen for the first time are
+    created together (a reconnect storm of new users is a few queries, not three per user)."""
     with _reconnecting():
-        users = get_user_model().objects
+        model = get_user_model()
+        users = model.objects
         found: dict[str, Account] = {}
         if _model_backend_only():
             for user in _with_view_all(users.filter(username__in=usernames)):
                 found[user.get_username()] = _annotated_account(user)
+            missing = [u for u in usernames if u not in found]
+            if missing:
+                # Another process may create some of them meanwhile: those rows are left as they are.
+                users.bulk_create([model(username=u) for u in missing], ignore_conflicts=True)
+                for user in _with_view_all(users.filter(username__in=missing)):
+                    found[user.get_username()] = _annotated_account(user)
         for username in usernames:
             if username not in found:
                 user, _ = users.get_or_create(username=username)
