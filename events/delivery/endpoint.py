@@ -37,7 +37,7 @@ from django.http.request import split_domain_port, validate_host
 from events.core import sse
 from events.core.audit import audit_text
 from events.core.envelope import PROCESS_INSTANCE
-from events.delivery import cors, renewal
+from events.delivery import cors
 from events.delivery.auth import AuthError, AuthUnavailable, Credentials, authenticate, database_call
 from events.delivery.hub import get_hub
 from events.delivery.stream import Stream
@@ -261,9 +261,7 @@ async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
 
     stream_id = str(uuid.uuid4())
     try:
-        if identity.expires_at is not None:  # first: a renewal that finds the stream's slot finds its end too
-            await renewal.record_expiry(hub.redis, stream_id, identity.expires_at)
-        if not await hub.claim_slot(identity.username, stream_id):
+        if not await hub.claim_slot(identity.username, stream_id, identity.expires_at):
             raise Refused(429, f"at most {settings.EVENTS_MAX_STREAMS_PER_USER} open streams per user")
     except (aioredis.RedisError, OSError) as exc:
         raise _RetryLater from exc

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from django.conf import settings
@@ -41,10 +42,13 @@ SLOT_RELEASE_SECONDS = 2.0
 # A stream whose sources' subscriptions are not confirmed within this is answered with a retry.
 ATTACH_SECONDS = 10.0
 
+# A slot for the stream in its user's set, if the user has fewer than the maximum; with a second key, the
+# stream's end (a bearer stream's, renewal.expiry_record) is kept in the same step.
 _CLAIM_LUA = """
 local now = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+if KEYS[2] then redis.call('SET', KEYS[2], ARGV[5], 'EX', tonumber(ARGV[6])) end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[4])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
@@ -113,14 +117,19 @@ class Hub:
         await self.redis.aclose()
 
     # --- streams ---------------------------------------------------------------------------------------
-    async def claim_slot(self, user: str, stream_id: str) -> bool:
-        """Count the stream against EVENTS_MAX_STREAMS_PER_USER across every web process."""
-        return bool(
-            await self._claim(
-                keys=[routing.STREAMS_OF_USER_PREFIX + user],
-                args=[time.time(), settings.EVENTS_MAX_STREAMS_PER_USER, SLOT_TTL_SECONDS, stream_id],
-            )
-        )
+    async def claim_slot(self, user: str, stream_id: str, expires_at: float | None = None) -> bool:
+        """Count the stream against EVENTS_MAX_STREAMS_PER_USER across every web process; a bearer stream's
+        end (`expires_at`) is kept before its slot is, so a renewal that finds the slot finds the end too."""
+        keys = [routing.STREAMS_OF_USER_PREFIX + user]
+        args: list[Any] = [time.time(), settings.EVENTS_MAX_STREAMS_PER_USER, SLOT_TTL_SECONDS, stream_id]
+        if expires_at is not None:
+            if self.store.keys.cluster:  # two keys in two hash slots: two steps
+                await renewal.record_expiry(self.redis, stream_id, expires_at)
+            else:  # one round trip
+                key, value, seconds = renewal.expiry_record(stream_id, expires_at)
+                keys.append(key)
+                args += [value, seconds]
+        return bool(await self._claim(keys=keys, args=args))
 
     async def attach(self, stream: Stream) -> None:
         """Hand `stream` the live events of its sources from now on; return once their subscriptions are

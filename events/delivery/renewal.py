@@ -69,9 +69,15 @@ def _lifetime(expires_at: float, now: float) -> int:
     return max(1, int(expires_at - now) + KEY_GRACE_SECONDS)
 
 
+def expiry_record(stream_id: str, expires_at: float) -> tuple[str, str, int]:
+    """Where and how a bearer stream's end is kept: key, value, seconds to live."""
+    return routing.stream_expiry_key(stream_id), repr(expires_at), _lifetime(expires_at, time.time())
+
+
 async def record_expiry(redis: aioredis.Redis, stream_id: str, expires_at: float) -> None:
     """Keep a bearer stream's end where renewals and its holding process find it (at open)."""
-    await redis.set(routing.stream_expiry_key(stream_id), repr(expires_at), ex=_lifetime(expires_at, time.time()))
+    key, value, seconds = expiry_record(stream_id, expires_at)
+    await redis.execute_command("SET", key, value, "EX", seconds)
 
 
 async def renew(redis: aioredis.Redis, *, user: str, stream_id: str, expires_at: float) -> Renewal:
