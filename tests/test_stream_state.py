@@ -165,14 +165,16 @@ class _Socket:
 
     def send_now(self, chunk: bytes) -> bool:
         self.offered += 1
-        if self.client is None or (self.refuse_every and self.offered % self.refuse_every == 0):
+        if self.refuse_every < 0 and self.offered == 5:
+            raise RuntimeError("the server adapter broke")
+        if self.client is None or (self.refuse_every > 0 and self.offered % self.refuse_every == 0):
             return False
         self.written += 1
         self.client.received(chunk)
         return True
 
 
-@pytest.mark.parametrize("refuse_every", [0, 3])
+@pytest.mark.parametrize("refuse_every", [0, 3, -1])  # -1: the adapter raises once, then is not asked again
 async def test_live_events_written_straight_to_the_socket_keep_their_order_and_ids(hub: Hub, refuse_every: int) -> None:
     socket = _Socket(refuse_every)
     stream = _stream(hub, send_now=socket.send_now)
@@ -187,8 +189,10 @@ async def test_live_events_written_straight_to_the_socket_keep_their_order_and_i
     assert client.data() == list(range(200))
     assert [b["id"] for b in client.events("E")] == [i for n, i in enumerate(ids) if n % 11 != 10]
     assert socket.written > 0  # the direct path was taken (the body was waiting between batches)
-    if refuse_every:
+    if refuse_every > 0:
         assert socket.written < socket.offered  # and refusals went through the window, in order
+    if refuse_every < 0:
+        assert socket.offered == 5  # the body wrote the rest
     assert stream.delivered == 200
     await client.close()
 

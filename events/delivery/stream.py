@@ -38,6 +38,7 @@ from events.core.positions import Position
 from events.core.records import CloseReason, DeliveryStatus, StoredEvent
 from events.core.routing import Source
 from events.ops import metrics
+from events.ops.supervise import failed
 
 if TYPE_CHECKING:
     from events.delivery.hub import Hub
@@ -185,7 +186,12 @@ class Stream:
         if send_now is None or event.place <= before:
             return False
         position[event.shard] = event.place
-        if not send_now(sse.id_line(self._id_of(event)) + body):
+        try:
+            written = send_now(sse.id_line(self._id_of(event)) + body)
+        except Exception:  # noqa: BLE001 - the server adapter failed: this stream writes through its body only
+            failed("hub-feed", "writing a live event straight to the socket failed", stream=self.id)
+            self._send_now = written = None
+        if not written:
             position[event.shard] = before
             return False
         self._last_write = time.time()
