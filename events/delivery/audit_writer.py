@@ -56,6 +56,8 @@ class AuditWriter:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
+        # Deliveries by status since the last flush: the counter moves once a second, not once per event.
+        self._counts = dict.fromkeys(DeliveryStatus, 0)
 
     def start(self) -> None:
         if self._task is None:
@@ -79,7 +81,7 @@ class AuditWriter:
 
     def delivered(self, stream_id: str, events: list[StoredEvent], status: DeliveryStatus, sent_at: float) -> None:
         """Record `events` written to (or, for `dropped`, lost by) stream `stream_id` at `sent_at`."""
-        _DELIVERIES[status].inc(len(events))
+        self._counts[status] += len(events)
         if self.mode == "off" or (self.mode == "failures" and status != DeliveryStatus.DROPPED):
             return
         rows = self._batch.deliveries
@@ -137,6 +139,10 @@ class AuditWriter:
     async def flush(self) -> None:
         """Send what is buffered. Redis down: keep it for the next flush. A batch that cannot be packed
         (a bug, or a value the format cannot carry) is logged, counted and set aside; the next one goes."""
+        for status, count in self._counts.items():
+            if count:
+                _DELIVERIES[status].inc(count)
+                self._counts[status] = 0
         batch, self._batch = self._batch, AuditBatch()
         if not batch:
             return

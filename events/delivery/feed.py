@@ -196,8 +196,14 @@ class _Link:
                 raise ConnectionError("the server closed the subscriber connection")
             self._heard = True
             replies.feed(data)
-            while (reply := replies.gets()) is not False:
-                self._reply(reply)
+            feed = self.feed
+            try:
+                while (reply := replies.gets()) is not False:
+                    self._reply(reply)
+            finally:
+                if feed.heard:  # counted per read, not per event
+                    feed.heard_total.inc(feed.heard)
+                    feed.heard = 0
 
     async def _watch(self) -> None:
         """A connection quiet for QUIET_SECONDS is pinged (a silent one would never say it is gone); quiet for
@@ -282,7 +288,8 @@ class Feed:
         self._link_of: dict[str, _Link] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._heard = metrics.LIVE_EVENTS
+        self.heard = 0  # live events of this process's sources in the current read, not yet counted
+        self.heard_total = metrics.LIVE_EVENTS
 
     # --- subscriptions ------------------------------------------------------------------------------
     def batches(self, channels: list[str]) -> list[list[str]]:
@@ -341,7 +348,7 @@ class Feed:
         source = self._sources.get(channel)
         if source is None:
             return  # unsubscribed since it was sent
-        self._heard.inc()
+        self.heard += 1
         event = self.store.decode_live(source, message)
         if event is None:
             metrics.TASK_FAILURES.labels("hub-feed").inc()

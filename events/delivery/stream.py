@@ -194,8 +194,8 @@ class Stream:
         if not written:
             position[event.shard] = before
             return False
-        self._last_write = time.time()
-        self._record([event], DeliveryStatus.DELIVERED)
+        self._last_write = now = time.time()
+        self._record([event], DeliveryStatus.DELIVERED, now)
         return True
 
     def may_see(self, event: StoredEvent) -> bool:
@@ -413,8 +413,9 @@ class Stream:
             self._sources.discard(source)
             self.hub.unfollow(self, source)
 
-    def _record(self, events: list[StoredEvent], status: DeliveryStatus) -> None:
-        now = time.time()
+    def _record(self, events: list[StoredEvent], status: DeliveryStatus, now: float | None = None) -> None:
+        if now is None:
+            now = time.time()
         if status != DeliveryStatus.DROPPED:
             self.delivered += len(events)
             for event in events:
