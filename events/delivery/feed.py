@@ -125,12 +125,14 @@ class _Link:
         # A connection of the node's pool's kind, never returned to the pool: it is the feed's alone.
         self.connection = self.client.connection_pool.make_connection()
         await asyncio.wait_for(self.connection.connect(), CONNECT_SECONDS)
+        replies = _Replies(self)
+        replies.take_over(self.connection)
         self._to_subscribe = set(self.channels)
         self._idle_since.clear()
         await self._send()
         loop = asyncio.get_running_loop()
         tasks = {
-            loop.create_task(self._read(), name=f"feed-read:{self.name}"),
+            loop.create_task(replies.ended(), name=f"feed-read:{self.name}"),
             loop.create_task(self._sender(), name=f"feed-send:{self.name}"),
             loop.create_task(self._watch(), name=f"feed-watch:{self.name}"),
         }
@@ -186,25 +188,6 @@ class _Link:
         connection = self.connection
         await connection.send_packed_command(connection.pack_command(*args), check_health=False)
 
-    async def _read(self) -> None:
-        # The connection's stream reader, read directly (see the module docstring); nothing else reads it.
-        stream: asyncio.StreamReader = self.connection._reader
-        replies = hiredis.Reader()
-        while True:
-            data = await stream.read(READ_BYTES)
-            if not data:
-                raise ConnectionError("the server closed the subscriber connection")
-            self._heard = True
-            replies.feed(data)
-            feed = self.feed
-            try:
-                while (reply := replies.gets()) is not False:
-                    self._reply(reply)
-            finally:
-                if feed.heard:  # counted per read, not per event
-                    feed.heard_total.inc(feed.heard)
-                    feed.heard = 0
-
     async def _watch(self) -> None:
         """A connection quiet for QUIET_SECONDS is pinged (a silent one would never say it is gone); quiet for
         as long again, it is given up. One timer for the connection, not one per read."""
@@ -252,6 +235,75 @@ class _Link:
             self.live.add(channel)
             self.feed.confirmed(channel)
             self._progress.set()
+
+
+class _Replies(asyncio.Protocol):
+    """Reads a subscriber connection in place of redis-py (see the module docstring): the connection's
+    transport hands each read to `data_received`, which parses it with hiredis and hands out every complete
+    reply at once, without a reader task to wake. Writes still go through redis-py's connection."""
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+        self._reader = hiredis.Reader()
+        self._end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._transport: asyncio.Transport | None = None
+        # redis-py's protocol: still told of flow control and of the end, which its writer waits on to close.
+        self._original: Any = None
+
+    def take_over(self, connection: Any) -> None:
+        """Become the protocol of `connection`'s transport, right after it connected (nothing is unread)."""
+        transport = connection._writer.transport
+        unread = bytes(connection._reader._buffer)  # the handshake's replies are all read: empty
+        self._transport = transport
+        self._original = transport.get_protocol()
+        transport.set_protocol(self)
+        if unread:
+            self.data_received(unread)
+
+    async def ended(self) -> None:
+        """Wait until the connection ends; raise why."""
+        await self._end
+
+    def data_received(self, data: bytes) -> None:
+        link = self._link
+        feed = link.feed
+        link._heard = True
+        if self._end.done():
+            return
+        self._reader.feed(data)
+        try:
+            while (reply := self._reader.gets()) is not False:
+                link._reply(reply)
+        except Exception as exc:  # noqa: BLE001 - a reply the feed cannot accept ends the connection
+            self._ended(exc)
+        finally:
+            if feed.heard:  # counted per read, not per event
+                feed.heard_total.inc(feed.heard)
+                feed.heard = 0
+
+    def eof_received(self) -> bool:
+        self._ended(ConnectionError("the server closed the subscriber connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended(ConnectionError(f"the subscriber connection was lost: {exc!r}"))
+        if self._original is not None:
+            self._original.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._original is not None:
+            self._original.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._original is not None:
+            self._original.resume_writing()
+
+    def _ended(self, exc: Exception) -> None:
+        if not self._end.done():
+            self._end.set_exception(exc)
+            self._end.add_done_callback(lambda f: f.exception())  # seen, even if nobody awaits it any more
+        if self._transport is not None:
+            self._transport.close()
 
 
 def _text(value: bytes | str) -> str:
