@@ -300,7 +300,9 @@ async def _drain_body(body: Any) -> None:
         pass
 
 
-async def test_after_redis_restarts_a_stream_goes_on_with_what_is_stored_next(settings: Any) -> None:
+@pytest.fixture
+async def own_redis(settings: Any) -> AsyncIterator[tuple[RedisServer, Hub, _Client]]:
+    """A Redis of the test's own (to stop, restart or freeze), a hub on it, and a live client that got event 1."""
     server = RedisServer().start()
     try:
         settings.REDIS_URL = server.url
@@ -311,63 +313,61 @@ async def test_after_redis_restarts_a_stream_goes_on_with_what_is_stored_next(se
         await client.read(until=lambda c: c.blocks)
         await hub.store.append([_record(1)])
         await client.read(until=lambda c: len(c.data()) >= 1)
-        server.stop()
-        await asyncio.sleep(4)  # long enough for several reconnect attempts to fail
-        server.start()  # empty: what it held is gone, ids start again from the clock
-
-        async def delivered_after_restart() -> bool:
-            await hub.store.append([_record(2)])
-            with contextlib.suppress(TimeoutError):
-                await client.read(until=lambda c: 2 in c.data(), timeout=1)
-            return 2 in client.data()
-
-        deadline = time.monotonic() + 30
-        while not await delivered_after_restart():
-            assert time.monotonic() < deadline, "the stream got nothing after Redis came back"
-        assert client.data()[0] == 1
+        yield server, hub, client
         await client.close()
         await hub.stop(grace=1)
     finally:
         server.stop()
+
+
+async def test_after_redis_restarts_a_stream_goes_on_with_what_is_stored_next(
+    own_redis: tuple[RedisServer, Hub, _Client],
+) -> None:
+    server, hub, client = own_redis
+    server.stop()
+    await asyncio.sleep(4)  # long enough for several reconnect attempts to fail
+    server.start()  # empty: what it held is gone, ids start again from the clock
+
+    async def delivered_after_restart() -> bool:
+        await hub.store.append([_record(2)])
+        with contextlib.suppress(TimeoutError):
+            await client.read(until=lambda c: 2 in c.data(), timeout=1)
+        return 2 in client.data()
+
+    deadline = time.monotonic() + 30
+    while not await delivered_after_restart():
+        assert time.monotonic() < deadline, "the stream got nothing after Redis came back"
+    assert client.data()[0] == 1
+
+
+@pytest.fixture
+def quick_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(feed_module, "QUIET_SECONDS", 0.5)
 
 
 async def test_a_subscriber_connection_that_goes_silent_is_noticed_and_replaced(
-    settings: Any, monkeypatch: pytest.MonkeyPatch
+    quick_quiet: None, own_redis: tuple[RedisServer, Hub, _Client]
 ) -> None:
     # Redis frozen (SIGSTOP): the connection stays open but nothing answers. The feed must notice (readiness
     # says so) instead of waiting forever, and once Redis answers again the stream goes on, exactly.
-    monkeypatch.setattr(feed_module, "QUIET_SECONDS", 0.5)
-    server = RedisServer().start()
+    server, hub, client = own_redis
+    assert hub.healthy
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
     try:
-        settings.REDIS_URL = server.url
-        settings.AUDIT_DELIVERIES = "off"
-        hub = Hub()
-        await hub.start()
-        client = _Client(_stream(hub))
-        await client.read(until=lambda c: c.blocks)
-        await hub.store.append([_record(1)])
-        await client.read(until=lambda c: len(c.data()) >= 1)
-        assert hub.healthy
-        assert server.proc is not None
-        server.proc.send_signal(signal.SIGSTOP)
-        try:
-            deadline = time.monotonic() + 30
-            while hub.healthy:
-                assert time.monotonic() < deadline, "a silent subscriber connection went unnoticed"
-                await asyncio.sleep(0.1)
-        finally:
-            server.proc.send_signal(signal.SIGCONT)
-        await hub.store.append([_record(2), _record(3)])
-        await client.read(until=lambda c: len(c.data()) >= 3, timeout=30)
-        assert client.data() == [1, 2, 3]
         deadline = time.monotonic() + 30
-        while not hub.healthy:
-            assert time.monotonic() < deadline, "the feed did not reconnect"
+        while hub.healthy:
+            assert time.monotonic() < deadline, "a silent subscriber connection went unnoticed"
             await asyncio.sleep(0.1)
-        await client.close()
-        await hub.stop(grace=1)
     finally:
-        server.stop()
+        server.proc.send_signal(signal.SIGCONT)
+    await hub.store.append([_record(2), _record(3)])
+    await client.read(until=lambda c: len(c.data()) >= 3, timeout=30)
+    assert client.data() == [1, 2, 3]
+    deadline = time.monotonic() + 30
+    while not hub.healthy:
+        assert time.monotonic() < deadline, "the feed did not reconnect"
+        await asyncio.sleep(0.1)
 
 
 async def test_a_source_no_stream_reads_is_unsubscribed_after_a_grace(
