@@ -54,8 +54,6 @@ QUIET_SECONDS = 5.0
 UNSUBSCRIBE_AFTER_SECONDS = 10.0
 # Channels per SUBSCRIBE command when many streams open at once.
 SUBSCRIBE_BATCH = 1000
-# Bytes asked of the socket per read: many messages at once under load.
-READ_BYTES = 256 * 1024
 
 
 class _Link:
@@ -306,8 +304,8 @@ class _Replies(asyncio.Protocol):
             self._transport.close()
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")
 
 
 class Feed:
