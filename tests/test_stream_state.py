@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis
 
-from events.core import positions
+from events.core import positions, routing
 from events.core.envelope import Event
 from events.core.records import CloseReason, Record
 from events.core.routing import Keyspace, Source
@@ -412,3 +413,54 @@ async def test_streams_opening_together_share_one_read_of_the_heads_taken_after_
     [later_id] = await hub.store.append([_record(2)])
     assert await hub.fresh_heads() == (positions.parse_redis_id(later_id),)
     assert reads == 2
+
+
+async def test_streams_opening_together_claim_their_slots_in_one_call_and_each_user_keeps_to_the_maximum(
+    hub: Hub, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.EVENTS_MAX_STREAMS_PER_USER = 3
+    calls: list[int] = []
+    claim_many = hub._claim_many
+
+    async def counted(**kwargs: Any) -> Any:
+        calls.append(len(kwargs["keys"]) // 2)
+        return await claim_many(**kwargs)
+
+    monkeypatch.setattr(hub, "_claim_many", counted)
+    ends = time.time() + 600
+    anas = [f"ana-{i}" for i in range(5)]  # bearer streams: each keeps its end
+    bobs = ["bob-0", "bob-1"]  # session streams: no end
+    granted = await asyncio.gather(
+        *(hub.claim_slot("ana", stream_id, ends) for stream_id in anas),
+        *(hub.claim_slot("bob", stream_id) for stream_id in bobs),
+    )
+    assert granted == [True, True, True, False, False, True, True]
+    assert calls == [7]
+    assert await hub.redis.zrange(routing.STREAMS_OF_USER_PREFIX + "ana", 0, -1) == [b"ana-0", b"ana-1", b"ana-2"]
+    assert await hub.redis.zcard(routing.STREAMS_OF_USER_PREFIX + "bob") == 2
+    assert await hub.redis.get(routing.stream_expiry_key("ana-2")) == repr(ends).encode()
+    assert 0 < await hub.redis.ttl(routing.stream_expiry_key("ana-2")) <= 600 + 60
+    assert await hub.redis.get(routing.stream_expiry_key("ana-3")) is None  # refused: nothing kept
+    assert await hub.redis.get(routing.stream_expiry_key("bob-0")) is None
+    # Later, alone: the same limits.
+    assert not await hub.claim_slot("ana", "ana-5", ends)
+    assert await hub.claim_slot("bob", "bob-2")
+    assert calls == [7, 1, 1]
+
+
+async def test_claims_made_while_redis_is_down_fail_every_one_and_work_again_once_it_is_back(
+    own_redis: tuple[RedisServer, Hub, _Client],
+) -> None:
+    server, hub, _ = own_redis
+    server.stop()
+    outcomes = await asyncio.gather(*(hub.claim_slot(f"user-{i}", f"s-{i}") for i in range(5)), return_exceptions=True)
+    assert all(isinstance(outcome, redis.RedisError | OSError) for outcome in outcomes), outcomes
+    server.start()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert await asyncio.gather(*(hub.claim_slot(f"user-{i}", f"t-{i}") for i in range(5))) == [True] * 5
+            break
+        except (redis.RedisError, OSError):
+            assert time.monotonic() < deadline, "claims kept failing after Redis came back"
+            await asyncio.sleep(0.2)

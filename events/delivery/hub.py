@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -42,17 +43,54 @@ SLOT_RELEASE_SECONDS = 2.0
 # A stream whose sources' subscriptions are not confirmed within this is answered with a retry.
 ATTACH_SECONDS = 10.0
 
-# A slot for the stream in its user's set, if the user has fewer than the maximum; with a second key, the
-# stream's end (a bearer stream's, renewal.expiry_record) is kept in the same step.
+# A slot for the stream in its user's set, if the user has fewer than the maximum (a cluster's claims, one
+# by one: a bearer stream's end, renewal.expiry_record, is another hash slot's and is kept before).
 _CLAIM_LUA = """
 local now = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-if KEYS[2] then redis.call('SET', KEYS[2], ARGV[5], 'EX', tonumber(ARGV[6])) end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[4])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """
+# The same for the claims of several streams in one call, each bearer stream's end kept in the same step
+# (single Redis only: the keys span hash slots). In the order given, so that two streams of one user count
+# against each other. KEYS: each claim's user set and expiry key; ARGV: now, the maximum, the slot TTL, then
+# per claim the stream id, the expiry record's value (empty for a stream without an end) and its seconds.
+# Returns 1 or 0 per claim.
+_CLAIM_MANY_LUA = """
+local now, most, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local granted = {}
+for i = 1, #KEYS / 2 do
+  local slots, expiry, at = KEYS[2 * i - 1], KEYS[2 * i], 3 + 3 * (i - 1)
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  if redis.call('ZCARD', slots) >= most then
+    granted[i] = 0
+  else
+    if ARGV[at + 2] ~= '' then redis.call('SET', expiry, ARGV[at + 2], 'EX', tonumber(ARGV[at + 3])) end
+    redis.call('ZADD', slots, now + ttl, ARGV[at + 1])
+    redis.call('EXPIRE', slots, ttl)
+    granted[i] = 1
+  end
+end
+return granted
+"""
+# Claims sent in one call at most.
+CLAIMS_PER_CALL = 200
+
+
+@dataclass(slots=True)
+class _Claim:
+    user: str
+    stream_id: str
+    expires_at: float | None
+    granted: asyncio.Future[bool]
+
+
+def _refuse(claims: list[_Claim], exc: Exception) -> None:
+    for claim in claims:
+        claim.granted.set_exception(exc)
+        claim.granted.add_done_callback(lambda f: f.exception())  # seen, even if its stream left meanwhile
 
 
 class Hub:
@@ -75,6 +113,9 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []  # slot releases in flight
         self._supervisor = Supervisor()
         self._claim = self.redis.register_script(_CLAIM_LUA)
+        self._claim_many = self.redis.register_script(_CLAIM_MANY_LUA)
+        self._claims: list[_Claim] = []  # asked for since the last call was sent
+        self._claim_calls: set[asyncio.Task[None]] = set()
 
     @property
     def streams(self) -> list[Stream]:
@@ -105,6 +146,10 @@ class Hub:
                 await asyncio.wait_for(self._drained.wait(), grace)
         await self._supervisor.stop()
         await self.feed.stop()
+        calls = list(self._claim_calls)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
         # Let the streams' slot releases finish (a user's tabs reconnect to another process at once and must
         # not find their old slots taken); only what is still stuck after a moment is cancelled.
         tasks, self._tasks = self._tasks, []
@@ -119,17 +164,60 @@ class Hub:
     # --- streams ---------------------------------------------------------------------------------------
     async def claim_slot(self, user: str, stream_id: str, expires_at: float | None = None) -> bool:
         """Count the stream against EVENTS_MAX_STREAMS_PER_USER across every web process; a bearer stream's
-        end (`expires_at`) is kept before its slot is, so a renewal that finds the slot finds the end too."""
+        end (`expires_at`) is kept before its slot is, so a renewal that finds the slot finds the end too.
+
+        On a single Redis, the streams opening at the same moment share one call: it is sent on the loop's
+        next turn, after all of them asked (a script call through redis-py costs more of the web process's
+        CPU than everything else an opening stream does in Redis)."""
+        if self.store.keys.cluster:
+            return await self._claim_alone(user, stream_id, expires_at)
+        loop = asyncio.get_running_loop()
+        claim = _Claim(user, stream_id, expires_at, loop.create_future())
+        if not self._claims:
+            loop.call_soon(self._send_claims)
+        self._claims.append(claim)
+        return await asyncio.shield(claim.granted)
+
+    async def _claim_alone(self, user: str, stream_id: str, expires_at: float | None) -> bool:
+        """One claim in its own call (a cluster: the slot set and the expiry record are in two hash slots)."""
+        if expires_at is not None:
+            await renewal.record_expiry(self.redis, stream_id, expires_at)
         keys = [routing.STREAMS_OF_USER_PREFIX + user]
         args: list[Any] = [time.time(), settings.EVENTS_MAX_STREAMS_PER_USER, SLOT_TTL_SECONDS, stream_id]
-        if expires_at is not None:
-            if self.store.keys.cluster:  # two keys in two hash slots: two steps
-                await renewal.record_expiry(self.redis, stream_id, expires_at)
-            else:  # one round trip
-                key, value, seconds = renewal.expiry_record(stream_id, expires_at)
-                keys.append(key)
-                args += [value, seconds]
         return bool(await self._claim(keys=keys, args=args))
+
+    def _send_claims(self) -> None:
+        claims, self._claims = self._claims, []
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(claims), CLAIMS_PER_CALL):
+            call = loop.create_task(self._call_claims(claims[start : start + CLAIMS_PER_CALL]))
+            self._claim_calls.add(call)
+            call.add_done_callback(self._claim_calls.discard)
+
+    async def _call_claims(self, claims: list[_Claim]) -> None:
+        keys: list[str] = []
+        args: list[Any] = [time.time(), settings.EVENTS_MAX_STREAMS_PER_USER, SLOT_TTL_SECONDS]
+        for claim in claims:
+            expiry_key = routing.stream_expiry_key(claim.stream_id)
+            value, seconds = "", 0
+            if claim.expires_at is not None:
+                expiry_key, value, seconds = renewal.expiry_record(claim.stream_id, claim.expires_at)
+            keys += [routing.STREAMS_OF_USER_PREFIX + claim.user, expiry_key]
+            args += [claim.stream_id, value, seconds]
+        try:
+            granted = await self._claim_many(keys=keys, args=args)
+        except asyncio.CancelledError:  # the hub is stopping
+            for claim in claims:
+                claim.granted.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - every claim of the call fails with it (the stream asks to retry)
+            _refuse(claims, exc)
+            return
+        if not isinstance(granted, list) or len(granted) != len(claims):
+            _refuse(claims, aioredis.ResponseError(f"the claim script answered {granted!r}"))
+            return
+        for claim, answer in zip(claims, granted, strict=True):
+            claim.granted.set_result(bool(answer))
 
     async def attach(self, stream: Stream) -> None:
         """Hand `stream` the live events of its sources from now on; return once their subscriptions are
