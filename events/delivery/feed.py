@@ -373,7 +373,9 @@ class Feed:
                 future = asyncio.get_running_loop().create_future()
                 self._waiters.setdefault(source.key, []).append(future)
                 waiting.append(future)
-        if waiting:
+        if len(waiting) == 1:
+            await waiting[0]
+        elif waiting:
             await asyncio.gather(*waiting)
 
     def confirmed(self, channel: str) -> None:

@@ -226,7 +226,8 @@ class Hub:
         self.registry.add(stream)
         self._drained.clear()
         try:
-            await asyncio.wait_for(self.feed.ready(stream.sources), ATTACH_SECONDS)
+            async with asyncio.timeout(ATTACH_SECONDS):
+                await self.feed.ready(stream.sources)
         except BaseException:
             self.registry.remove(stream)
             raise
