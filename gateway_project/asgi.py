@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import logging
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -58,7 +59,7 @@ class GatewayASGIHandler(ASGIHandler):
         self, match: ResolverMatch, scope: dict[str, Any], receive: Receive, send: Send
     ) -> None:
         try:
-            body_file = await self.read_body(receive)
+            body_file = await self._read_body(receive)
         except RequestAborted:
             return
         set_script_prefix(get_script_prefix(scope))
@@ -113,6 +114,19 @@ class GatewayASGIHandler(ASGIHandler):
                 await watcher
             if body is not None:
                 await body.aclose()
+
+    async def _read_body(self, receive: Receive) -> Any:
+        """The request's body as Django's handler reads it; a request without one (a stream's GET: one
+        message, empty) without the spooled temporary file Django makes for it."""
+        first = await receive()
+        if first["type"] == "http.request" and not first.get("body") and not first.get("more_body"):
+            return io.BytesIO()
+        replay = [first]
+
+        async def again() -> Mapping[str, Any]:
+            return replay.pop() if replay else await receive()
+
+        return await self.read_body(again)
 
 
 async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any], gone: list[bool]) -> None:

@@ -210,6 +210,7 @@ async def test_an_unreachable_jwks_endpoint_means_retry_not_refused(jwks: _Jwks)
         ({"params": [("x", "y" * 9000)]}, 400),
         ({"params": [("processInstanceUuid", "\u0661/x")]}, 400),
         ({"method": "POST"}, 405),
+        ({"method": "POST", "body": b"x" * 300_000}, 405),  # a body in several messages, read and let go
     ],
 )
 async def test_malformed_parameters_get_a_json_error(

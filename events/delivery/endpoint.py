@@ -227,9 +227,8 @@ async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
         raise Refused(405, "use GET")
     if request.problem is not None:
         raise Refused(400, request.problem)
-    host, _ = split_domain_port(request.headers.get("host", ""))
     allowed = settings.ALLOWED_HOSTS or (["localhost", "127.0.0.1", "[::1]"] if settings.DEBUG else [])
-    if not host or not validate_host(host, allowed):
+    if not _host_allowed(request.headers.get("host", ""), tuple(allowed)):
         raise Refused(400, "host not allowed")
     process_instances = [v for k, v in request.query if k == "processInstanceUuid"]
     if len(process_instances) > MAX_PROCESS_INSTANCES:
@@ -280,6 +279,13 @@ async def _open(request: StreamRequest, *, probe: SocketProbe | None) -> Stream:
         send_now=probe.send_now if probe else None,
         since_ms=since_ms,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _host_allowed(host_header: str, allowed: tuple[str, ...]) -> bool:
+    """Django's host check (cached: every stream of a deployment names the same few hosts)."""
+    host, _ = split_domain_port(host_header)
+    return bool(host) and validate_host(host, allowed)
 
 
 def _since(value: str | None) -> int | None:
