@@ -317,7 +317,7 @@ _MODEL_BACKEND = "django.contrib.auth.backends.ModelBackend"
 
 class _AccountQuery:
     """Users whose `field` is one of some values, with whether each holds VIEW_ALL: one statement, compiled by
-    the ORM once per database and size, and run with the values of each batch.
+    the ORM once per database connection and size, and run with the values of each batch.
 
     Compiling the query (a lookup and two EXISTS annotations) was nearly all of its cost: about 40 µs per
     user at 50 users a query, on the executor thread, holding the GIL the event loop needed to accept
@@ -326,7 +326,8 @@ class _AccountQuery:
 
     def __init__(self, field: str) -> None:
         self.field = field
-        self._compiled: dict[tuple[str, int], _Compiled] = {}
+        # By connection (each executor thread has its own; the compiler's converters are given it) and size.
+        self._compiled: dict[tuple[Any, int], _Compiled] = {}
 
     def accounts(self, values: list[Any]) -> list[Account]:
         if not values:
@@ -338,11 +339,11 @@ class _AccountQuery:
         size = 1 << (len(values) - 1).bit_length()
         padded = values + [values[-1]] * (size - len(values))
         prepared = [field.get_db_prep_value(value, db) for value in padded]
-        compiled = self._compiled.get((alias, size))
+        compiled = self._compiled.get((db, size))
         if compiled is None:
             compiled = _Compiled(self.field, padded, prepared, db)
             if compiled.reusable:
-                self._compiled[(alias, size)] = compiled
+                self._compiled[(db, size)] = compiled
         with db.cursor() as cursor:
             cursor.execute(compiled.sql, compiled.params_with(prepared))
             rows = cursor.fetchall()
