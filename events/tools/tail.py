@@ -7,6 +7,7 @@ included, whatever source it lives in. A read finding nothing waits POLL_SECONDS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -121,9 +122,15 @@ async def events_tail(
     write: Callable[[str], None],
     limit: int | None = None,
     as_json: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> int:
     """Write each stored event after `start` (None: from now on) that `only` matches, as it arrives, until
-    `limit` were written (None: until cancelled). Returns how many were written."""
+    `limit` were written (None: until cancelled) or `stop` is set. Returns how many were written.
+
+    `stop` is how Ctrl-C ends a tail (manage.py tail_events): cancelling it can be lost on Python 3.11, whose
+    `asyncio.wait_for` drops a cancellation that arrives as the awaited step completes (redis-py sends each
+    command under `wait_for`; a tail went on after 1 Ctrl-C in 20), while a set event is always seen."""
+    stop = stop or asyncio.Event()
     client = aioredis.from_url(redis_url)
     store = EventStore(client, retention_seconds=retention_seconds)
     written = 0
@@ -132,7 +139,7 @@ async def events_tail(
         if start is not None and not await _held(store, start):
             write(f"# {start} is older than what the store holds, or not issued yet: showing what it holds")
         render = json_format if as_json else line_format
-        while limit is None or written < limit:
+        while (limit is None or written < limit) and not stop.is_set():
             batch = await store.read_all(position)
             for entry_id, why in batch.unreadable:
                 write(f"# {entry_id}: unreadable entry ({why})")
@@ -142,7 +149,9 @@ async def events_tail(
                     written += 1
             position = batch.last_id or position
             if not batch.full:
-                await asyncio.sleep(POLL_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(POLL_SECONDS):
+                        await stop.wait()
         return written
     finally:
         await client.aclose()

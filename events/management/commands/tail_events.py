@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from typing import Any
 
 from django.conf import settings
@@ -48,9 +49,22 @@ class Command(BaseCommand):
             self.stdout.write(line)
             self.stdout.flush()
 
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(
-                events_tail(
+        async def tail() -> None:
+            # Ctrl-C asks the tail to stop (it finishes its read and closes its connection); a second one
+            # cancels it outright (a Redis that does not answer).
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            this = asyncio.current_task()
+            assert this is not None
+
+            def interrupted() -> None:
+                if stop.is_set():
+                    this.cancel()
+                stop.set()
+
+            loop.add_signal_handler(signal.SIGINT, interrupted)
+            try:
+                await events_tail(
                     redis_url=settings.REDIS_URL,
                     retention_seconds=settings.EVENTS_RETENTION_SECONDS,
                     start=start,
@@ -58,5 +72,10 @@ class Command(BaseCommand):
                     write=write,
                     limit=options["limit"],
                     as_json=options["json"],
+                    stop=stop,
                 )
-            )
+            finally:
+                loop.remove_signal_handler(signal.SIGINT)
+
+        with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+            asyncio.run(tail())
