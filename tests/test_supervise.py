@@ -81,3 +81,30 @@ async def test_the_consume_loop_restarts_from_what_is_durable(monkeypatch: pytes
     await run_consumer._consume(service)  # type: ignore[arg-type]
     assert (service.runs, service.rewinds) == (2, 1)
     assert sleeps == [1.0]
+
+
+async def test_stop_ends_a_task_whose_first_cancellation_was_lost() -> None:
+    # As Python 3.11's wait_for does to a cancellation that arrives just as the awaited step completes (redis-py
+    # sends commands under it): the body swallows one cancellation and carries on with its loop.
+    swallowed = 0
+    ticks = 0
+
+    async def body() -> None:
+        nonlocal swallowed, ticks
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1
+            ticks += 1
+
+    supervisor = Supervisor()
+    supervisor.start("loop", body)
+    await asyncio.sleep(0.2)
+    stopping = asyncio.create_task(supervisor.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=10)
+    assert done, "stop() is still waiting for a task that carried on after its cancellation"
+    assert swallowed == 1
+    assert supervisor.alive() == {}

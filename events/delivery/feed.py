@@ -39,7 +39,7 @@ from events.core.records import StoredEvent
 from events.core.routing import Source
 from events.core.store import EventStore
 from events.ops import metrics
-from events.ops.supervise import failed
+from events.ops.supervise import cancel_and_wait, failed
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,7 @@ class _Link:
                     if task.get_name().startswith("feed-read"):
                         raise ConnectionError("the subscriber connection ended")
         finally:
-            for task in tasks:
-                task.cancel()
+            await cancel_and_wait(tasks)
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _caught_up(self) -> None:
@@ -426,8 +425,7 @@ class Feed:
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
+        await cancel_and_wait(tasks)
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         for futures in self._waiters.values():

@@ -30,7 +30,7 @@ from events.delivery.feed import Feed
 from events.delivery.registry import Registry
 from events.delivery.stream import Stream, render
 from events.ops import metrics
-from events.ops.supervise import Supervisor, failed
+from events.ops.supervise import Supervisor, cancel_and_wait, failed
 
 logger = logging.getLogger(__name__)
 
@@ -147,16 +147,14 @@ class Hub:
         await self._supervisor.stop()
         await self.feed.stop()
         calls = list(self._claim_calls)
-        for call in calls:
-            call.cancel()
+        await cancel_and_wait(calls)
         await asyncio.gather(*calls, return_exceptions=True)
         # Let the streams' slot releases finish (a user's tabs reconnect to another process at once and must
         # not find their old slots taken); only what is still stuck after a moment is cancelled.
         tasks, self._tasks = self._tasks, []
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=SLOT_RELEASE_SECONDS)
-            for task in pending:
-                task.cancel()
+            await cancel_and_wait(pending)
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.audit.stop()
         await self.redis.aclose()

@@ -37,7 +37,7 @@ from events.core.store import EventStore
 from events.ingest import dead_letters
 from events.ingest.kafka import kafka_options
 from events.ops import metrics
-from events.ops.supervise import failed
+from events.ops.supervise import cancel_and_wait, failed
 from subscriptions import services
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class IngestService:
             self.running = False
             for task in (in_flight, lag):
                 if task is not None and not task.done():
-                    task.cancel()
+                    await cancel_and_wait([task])
                     with contextlib.suppress(asyncio.CancelledError, _Stopping):
                         await task
 

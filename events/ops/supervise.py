@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from events.ops import metrics
 
@@ -24,6 +25,24 @@ def failed(task: str, message: str, **coordinates: object) -> None:
     """Log and count a failure a task survived; `coordinates` say which item (topic/partition/offset, id)."""
     metrics.TASK_FAILURES.labels(task).inc()
     logger.exception(message, extra={"task": task, **coordinates})
+
+
+# A task still running this long after it was cancelled is cancelled again (see cancel_and_wait).
+CANCEL_AGAIN_SECONDS = 0.5
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel `tasks` and wait until every one has ended, cancelling again any that goes on.
+
+    A cancellation can be lost on Python 3.11: its `asyncio.wait_for` drops one that arrives just as the step
+    it awaits completes, and redis-py sends every command of a client with a socket timeout under `wait_for`.
+    A task cancelled once in the middle of a Redis command could carry on with its loop, and whoever waited
+    for it would wait for ever. Outcomes are left for the caller to read (`task.result()`)."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_SECONDS)
 
 
 class Supervisor:
@@ -60,8 +79,7 @@ class Supervisor:
     async def stop(self) -> None:
         """Cancel every task and wait for them; safe to call more than once."""
         tasks, self._tasks = list(self._tasks.values()), {}
-        for task in tasks:
-            task.cancel()
+        await cancel_and_wait(tasks)
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
