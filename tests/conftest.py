@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from django.db import connection
+from asgiref.sync import SyncToAsync
+from django.db import connection, connections
 from playwright.async_api import Browser, async_playwright
 
 from scripts.embedded import KafkaBroker, RedisClusterServers, RedisServer
@@ -30,6 +31,15 @@ def redis_server() -> Iterator[RedisServer]:
     """A Redis of the test's own: nothing carries over between tests."""
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _async_orm_connections_closed(django_db_setup: None) -> Iterator[None]:
+    """Async tests' ORM calls (`acreate`, `afirst`, sync_to_async) run on asgiref's one sync thread, whose
+    database connection pytest-django never sees: closed before the test database is dropped, which
+    PostgreSQL refuses while a session is connected."""
+    yield
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=30)
 
 
 @pytest.fixture(scope="session")
