@@ -12,6 +12,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 
 from events.delivery import auth
+from tests.harness import wait_until
 
 
 @pytest.mark.django_db
@@ -94,20 +95,14 @@ class _Lookups:
         return {key: auth.Account(len(key), key, True, False, "") for key in keys if not key.startswith("nobody")}
 
 
-async def _until(condition: Any) -> None:
-    for _ in range(3000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("timed out")
-
-
 async def test_streams_opening_together_share_a_few_lookups_and_one_leaving_does_not_stop_the_others() -> None:
     lookups = _Lookups()
     batches = auth._Batches("name", lookups)
     prefix = f"batch-{uuid.uuid4().hex[:8]}-"
     first = asyncio.create_task(batches.get(prefix + "0"))
-    await _until(lambda: lookups.batches)  # the first lookup is under way; the rest queue behind it
+    await wait_until(
+        lambda: lookups.batches, what="the first lookup"
+    )  # the first lookup is under way; the rest queue behind it
     leaving = asyncio.create_task(batches.get(prefix + "leaves"))
     names = [f"{prefix}{i % 40}" for i in range(100)] + ["nobody-" + prefix]  # 40 users, several streams each
     waiters = [asyncio.create_task(batches.get(name)) for name in names]
@@ -131,7 +126,7 @@ async def test_a_failed_lookup_fails_its_waiters_and_the_next_one_tries_again() 
     batches = auth._Batches("name", lookups)
     name = f"fails-{uuid.uuid4().hex[:8]}"
     waiters = [asyncio.create_task(batches.get(name)) for _ in range(3)]
-    await _until(lambda: lookups.batches)
+    await wait_until(lambda: lookups.batches, timeout=30, what="the lookup")
     lookups.release.set()
     for outcome in await asyncio.gather(*waiters, return_exceptions=True):
         assert isinstance(outcome, RuntimeError)

@@ -289,14 +289,12 @@ def _view_all_codename() -> tuple[str, str]:
     return app_label, codename
 
 
-def _account_of(user: AbstractBaseUser, *, view_all: bool | None = None) -> Account:
-    if view_all is None:
-        view_all = bool(user.is_active and user.has_perm(VIEW_ALL))  # type: ignore[attr-defined]
+def _account_of(user: AbstractBaseUser) -> Account:
     return Account(
         user_id=user.pk,
         username=user.get_username(),
         active=bool(user.is_active),
-        view_all=view_all,
+        view_all=bool(user.is_active and user.has_perm(VIEW_ALL)),  # type: ignore[attr-defined]
         session_hash=user.get_session_auth_hash(),
     )
 

@@ -196,9 +196,9 @@ class Hub:
         keys: list[str] = []
         args: list[Any] = [time.time(), settings.EVENTS_MAX_STREAMS_PER_USER, SLOT_TTL_SECONDS]
         for claim in claims:
-            expiry_key = routing.stream_expiry_key(claim.stream_id)
-            value, seconds = "", 0
-            if claim.expires_at is not None:
+            if claim.expires_at is None:  # no end to keep: the script skips the expiry key
+                expiry_key, value, seconds = routing.stream_expiry_key(claim.stream_id), "", 0
+            else:
                 expiry_key, value, seconds = renewal.expiry_record(claim.stream_id, claim.expires_at)
             keys += [routing.STREAMS_OF_USER_PREFIX + claim.user, expiry_key]
             args += [claim.stream_id, value, seconds]
